@@ -1,0 +1,257 @@
+"""The model artifact: a directory with a ``model.yaml`` and the framework file(s).
+
+``model.yaml`` is the one contract between ``dlstack package``, the registry, the
+image build and the server. Everything in it is validated here, once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from services.errors import UserError
+
+MODEL_YAML = "model.yaml"
+_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+class ArtifactError(UserError):
+    """An artifact is malformed, incomplete or corrupted; the message says how to fix it."""
+
+
+class Framework(StrEnum):
+    PYTORCH = "pytorch"
+    KERAS = "keras"
+    TENSORFLOW = "tensorflow"
+    ONNX = "onnx"
+
+
+class Datatype(StrEnum):
+    """Open Inference Protocol V2 tensor datatypes."""
+
+    BOOL = "BOOL"
+    UINT8 = "UINT8"
+    UINT16 = "UINT16"
+    UINT32 = "UINT32"
+    UINT64 = "UINT64"
+    INT8 = "INT8"
+    INT16 = "INT16"
+    INT32 = "INT32"
+    INT64 = "INT64"
+    FP16 = "FP16"
+    FP32 = "FP32"
+    FP64 = "FP64"
+    BYTES = "BYTES"
+
+    @property
+    def numpy(self) -> np.dtype[Any]:
+        return np.dtype(_TO_NUMPY[self])
+
+    @classmethod
+    def from_numpy(cls, dtype: np.dtype[Any] | type) -> Datatype:
+        kind = np.dtype(dtype)
+        for dt, np_name in _TO_NUMPY.items():
+            if np.dtype(np_name) == kind:
+                return dt
+        if kind.kind in ("U", "S", "O"):
+            return cls.BYTES
+        raise ArtifactError(f"numpy dtype {kind} has no V2 datatype")
+
+
+_TO_NUMPY: dict[Datatype, str] = {
+    Datatype.BOOL: "bool",
+    Datatype.UINT8: "uint8",
+    Datatype.UINT16: "uint16",
+    Datatype.UINT32: "uint32",
+    Datatype.UINT64: "uint64",
+    Datatype.INT8: "int8",
+    Datatype.INT16: "int16",
+    Datatype.INT32: "int32",
+    Datatype.INT64: "int64",
+    Datatype.FP16: "float16",
+    Datatype.FP32: "float32",
+    Datatype.FP64: "float64",
+    Datatype.BYTES: "object",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Strict):
+    """One named input or output tensor."""
+
+    name: str  # tensor name as the model and the protocol see it
+    datatype: Datatype  # V2 datatype, e.g. FP32
+    shape: tuple[int, ...]  # dims; -1 marks a variable dim (dim 0 is the batch dim)
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(d < -1 or d == 0 for d in v):
+            raise ValueError(f"dims must be positive or -1 (variable), got {list(v)}")
+        return v
+
+    def matches(self, shape: tuple[int, ...]) -> bool:
+        return len(shape) == len(self.shape) and all(s == -1 or s == g for s, g in zip(self.shape, shape, strict=True))
+
+
+class Signature(_Strict):
+    inputs: tuple[TensorSpec, ...]  # at least one
+    outputs: tuple[TensorSpec, ...]  # at least one
+
+    @model_validator(mode="after")
+    def _unique(self) -> Signature:
+        for side in ("inputs", "outputs"):
+            specs = getattr(self, side)
+            if not specs:
+                raise ValueError(f"signature.{side} must list at least one tensor")
+            names = [t.name for t in specs]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"signature.{side} has duplicate names: {dupes}")
+        return self
+
+
+class FileEntry(_Strict):
+    path: str  # relative to the artifact dir; a directory for a SavedModel
+    sha256: str  # hex digest of the file, or of the directory tree (see tree_sha256)
+
+
+class Serving(_Strict):
+    """Per-model serving settings; env vars and CLI flags override them."""
+
+    max_batch_size: int = Field(default=1, ge=1)  # default 1 = batching off; rows per forward pass
+    max_batch_time_ms: float = Field(default=2.0, ge=0)  # default 2 ms; wait for a batch to fill
+    threads: int | None = Field(default=None, ge=1)  # default None = CPU limit / workers; intra-op threads
+    keras_backend: str = "torch"  # default torch, so TensorFlow is not needed for .keras models
+    reject_nonfinite: bool = False  # default False; True answers 400 to NaN/Inf inputs
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)  # default 16 MiB request limit
+
+
+class ModelSpec(_Strict):
+    """The content of ``model.yaml``."""
+
+    name: str  # DNS-1123 label, e.g. "mnist-mlp"
+    version: str = "1"  # immutable version string
+    framework: Framework
+    files: tuple[FileEntry, ...]  # the framework file(s) with their sha256
+    signature: Signature
+    serving: Serving = Serving()
+    metadata: dict[str, Any] = Field(default_factory=dict)  # free-form (registry lineage etc.)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(f"{v!r} is not a DNS-1123 label (lowercase letters, digits and '-', max 63)")
+        return v
+
+    @property
+    def sha256(self) -> str:
+        """One digest for the whole model: the digests of its files, in order."""
+        h = hashlib.sha256()
+        for f in self.files:
+            h.update(f"{f.path}\0{f.sha256}\n".encode())
+        return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tree_sha256(path: Path) -> str:
+    """sha256 of a file, or of a directory as (relative path, file digest) lines in sorted order."""
+    if path.is_file():
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        h.update(f"{p.relative_to(path).as_posix()}\0{file_sha256(p)}\n".encode())
+    return h.hexdigest()
+
+
+def _yaml() -> Any:
+    from ruamel.yaml import YAML
+
+    y = YAML(typ="safe", pure=True)
+    y.default_flow_style = None
+    return y
+
+
+def read_spec(artifact_dir: Path | str) -> ModelSpec:
+    """Parse and validate ``model.yaml`` without touching the model files."""
+    d = Path(artifact_dir)
+    path = d / MODEL_YAML
+    if not path.is_file():
+        raise ArtifactError(
+            f"{d}: no {MODEL_YAML}; create the artifact with `dlstack package MODEL_FILE ... --out {d}`"
+        )
+    try:
+        raw = _yaml().load(path.read_text())
+    except Exception as exc:  # ruamel raises many types; all mean "not YAML"
+        raise ArtifactError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"{path}: expected a mapping at the top level")
+    try:
+        return ModelSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise ArtifactError(f"{path}: {format_validation_error(exc)}") from exc
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for e in exc.errors():
+        loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in e["loc"]).replace(".[", "[")
+        parts.append(f"{loc or '<root>'}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def verify_files(artifact_dir: Path | str, spec: ModelSpec) -> None:
+    """Re-hash every file; raise naming the first missing or corrupted one."""
+    d = Path(artifact_dir)
+    for f in spec.files:
+        p = d / f.path
+        if not p.exists():
+            raise ArtifactError(f"{d}: file {f.path!r} listed in {MODEL_YAML} is missing")
+        got = tree_sha256(p)
+        if got != f.sha256:
+            raise ArtifactError(
+                f"{d}: file {f.path!r} is corrupted or was changed: sha256 {got} != {f.sha256} in {MODEL_YAML}; "
+                "re-package the model or restore the file"
+            )
+
+
+def load_spec(artifact_dir: Path | str) -> ModelSpec:
+    """Read and verify an artifact: the server calls this before loading the model."""
+    spec = read_spec(artifact_dir)
+    verify_files(artifact_dir, spec)
+    return spec
+
+
+def write_spec(artifact_dir: Path | str, spec: ModelSpec) -> Path:
+    """Write ``model.yaml`` atomically (temp file + rename)."""
+    d = Path(artifact_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    data = spec.model_dump(mode="json")
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".model.yaml.")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            _yaml().dump(data, fh)
+        os.replace(tmp, d / MODEL_YAML)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return d / MODEL_YAML
