@@ -188,6 +188,7 @@ def _yaml() -> Any:
 
     y = YAML(typ="safe", pure=True)
     y.default_flow_style = None
+    y.width = 4096  # never fold a sha256 onto its own line
     return y
 
 
@@ -215,7 +216,8 @@ def format_validation_error(exc: ValidationError) -> str:
     parts = []
     for e in exc.errors():
         loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in e["loc"]).replace(".[", "[")
-        parts.append(f"{loc or '<root>'}: {e['msg']}")
+        msg = e["msg"].removeprefix("Value error, ")  # pydantic's prefix for our own validators' messages
+        parts.append(f"{loc or '<root>'}: {msg}")
     return "; ".join(parts)
 
 
@@ -248,6 +250,8 @@ def write_spec(artifact_dir: Path | str, spec: ModelSpec) -> Path:
     data = spec.model_dump(mode="json")
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".model.yaml.")
     try:
+        # mkstemp creates 0600; the server in the image runs as another user and must read it
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "w") as fh:
             _yaml().dump(data, fh)
         os.replace(tmp, d / MODEL_YAML)

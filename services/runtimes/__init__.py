@@ -12,12 +12,21 @@ __all__ = ["Runtime", "create_runtime"]
 
 def create_runtime(spec: ModelSpec, artifact_dir: Path, threads: int | None = None) -> Runtime:
     """Import only the chosen framework, so a torch model never pays for TensorFlow."""
+    cls: type[Runtime]
     if spec.framework is Framework.PYTORCH:
-        from services.runtimes.pytorch import PyTorchRuntime as cls
+        from services.runtimes.pytorch import PyTorchRuntime
+
+        cls = PyTorchRuntime
     elif spec.framework is Framework.KERAS:
-        from services.runtimes.keras import KerasRuntime as cls  # type: ignore[assignment]
+        from services.runtimes.keras import KerasRuntime
+
+        cls = KerasRuntime
     elif spec.framework is Framework.TENSORFLOW:
-        from services.runtimes.tensorflow import TensorFlowRuntime as cls  # type: ignore[assignment]
+        from services.runtimes.tensorflow import TensorFlowRuntime
+
+        cls = TensorFlowRuntime
     else:
-        from services.runtimes.onnx import OnnxRuntime as cls  # type: ignore[assignment]
+        from services.runtimes.onnx import OnnxRuntime
+
+        cls = OnnxRuntime
     return cls(spec, artifact_dir, threads)

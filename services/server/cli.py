@@ -1,0 +1,78 @@
+"""``dlstack serve ARTIFACT_DIR``: verify the artifact, then exec gunicorn with ``gunicorn_conf``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from services.errors import UserError
+
+APP = "services.server.app:create_app()"
+CONF = "python:services.server.gunicorn_conf"
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "serve",
+        help="serve a model artifact over the Open Inference Protocol V2 (gunicorn)",
+        description="Serve ARTIFACT_DIR (model.yaml + files) with gunicorn; flags override model.yaml `serving`.",
+    )
+    p.add_argument("artifact_dir", metavar="ARTIFACT_DIR", type=Path)
+    p.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=8080, help="port to bind (default 8080)")
+    p.add_argument("--workers", type=_positive, help="worker processes (default: the CPU limit)")
+    p.add_argument("--threads", type=_positive, help="HTTP threads per worker (default 4, or max batch size)")
+    p.add_argument("--max-batch-size", type=_positive, help="rows per forward pass; 1 = batching off")
+    p.add_argument("--max-batch-time-ms", type=float, help="ms the first request of a batch waits for more")
+    p.add_argument("--max-body-bytes", type=_positive, help="request body limit (default 16 MiB)")
+    p.set_defaults(func=handler)
+
+
+def _positive(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{raw!r} must be >= 1")
+    return value
+
+
+def server_env(args: argparse.Namespace, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment gunicorn runs with: flags become DLSTACK_* variables."""
+    env = dict(os.environ if base is None else base)
+    env["DLSTACK_ARTIFACT_DIR"] = str(args.artifact_dir.resolve())
+    env["DLSTACK_BIND"] = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
+    for flag, key in (
+        ("workers", "DLSTACK_WORKERS"),
+        ("threads", "DLSTACK_HTTP_THREADS"),
+        ("max_batch_size", "DLSTACK_MAX_BATCH_SIZE"),
+        ("max_batch_time_ms", "DLSTACK_MAX_BATCH_TIME_MS"),
+        ("max_body_bytes", "DLSTACK_MAX_BODY_BYTES"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            env[key] = str(value)
+    if not env.get("PROMETHEUS_MULTIPROC_DIR"):
+        env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dlstack-metrics-")
+        env["DLSTACK_OWNS_METRICS_DIR"] = "1"
+    return env
+
+
+def handler(args: argparse.Namespace) -> int:
+    from services.artifact import load_spec
+
+    if args.max_batch_time_ms is not None and args.max_batch_time_ms < 0:
+        raise UserError(f"--max-batch-time-ms must be >= 0, got {args.max_batch_time_ms}")
+    if not args.artifact_dir.is_dir():
+        raise UserError(f"{args.artifact_dir}: not a directory; pass an artifact made by `dlstack package`")
+    load_spec(args.artifact_dir)  # fail fast, before gunicorn, on a missing or corrupted file
+    env = server_env(args)
+    argv = [sys.executable, "-m", "gunicorn", "-c", CONF, APP]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, env)
+    return 0  # not reached

@@ -1,0 +1,126 @@
+"""Gunicorn settings for the model server, container-aware (``gunicorn -c python:services.server.gunicorn_conf``).
+
+Workers and threads come from the CPU limit (``DLSTACK_CPU_LIMIT``, else cgroup ``cpu.max``,
+else the CPU count); each worker gets CPU limit / workers intra-op threads. The app (and
+so the model) is built in each worker after fork: ``preload_app`` stays off; only the
+framework module is imported in the master, so its memory is shared (``preload_framework``). Every value
+can be overridden with a ``DLSTACK_*`` env var (``dlstack serve`` sets them from its flags).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from services.server.config import cpu_limit, layout
+from services.server.logs import gunicorn_logconfig
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client in the workers
+
+
+def _int(key: str, default: int) -> int:
+    raw = os.environ.get(key)
+    return int(raw) if raw else default
+
+
+def _spec() -> Any:
+    try:
+        from services.artifact import read_spec
+
+        return read_spec(os.environ["DLSTACK_ARTIFACT_DIR"])
+    except Exception:  # the worker reports a bad artifact; the master just falls back to defaults
+        return None
+
+
+_SPEC = _spec()
+
+
+def _max_batch_size() -> int:
+    raw = os.environ.get("DLSTACK_MAX_BATCH_SIZE")
+    if raw:
+        return int(raw)
+    return _SPEC.serving.max_batch_size if _SPEC else 1
+
+
+# Framework modules that are fork-safe to import (no threads started at import). TensorFlow is not.
+_PRELOADABLE = {"pytorch", "onnx"}
+
+
+def preload_framework() -> str | None:
+    """Import (never load a model with) the framework in the master, so workers share its pages.
+
+    Importing torch costs ~150 MB of relocated library data and Python objects per process and
+    most of the cold start; imported once before fork, it is shared copy-on-write by all workers
+    and by the ones gunicorn starts later (max_requests). ``DLSTACK_PRELOAD_FRAMEWORK=0`` turns it off.
+    """
+    if os.environ.get("DLSTACK_PRELOAD_FRAMEWORK", "1") == "0" or _SPEC is None:
+        return None
+    importlib.import_module("services.server.app")  # Flask & co: the module only, no app, no model
+    framework = _SPEC.framework.value
+    if framework not in _PRELOADABLE:
+        return None
+    importlib.import_module(f"services.runtimes.{framework}")
+    return framework
+
+
+_layout = layout(
+    cpu_limit(),
+    workers=_int("DLSTACK_WORKERS", 0) or None,
+    http_threads=_int("DLSTACK_HTTP_THREADS", 0) or None,
+    max_batch_size=_max_batch_size(),
+)
+# Workers inherit the environment, so this reaches ServerConfig.from_env() in each of them.
+os.environ.setdefault("DLSTACK_INTRA_OP_THREADS", str(_layout.intra_op_threads))
+
+bind = [os.environ.get("DLSTACK_BIND", "0.0.0.0:8080")]
+workers = _layout.workers
+threads = _layout.http_threads
+worker_class = "services.server.lifecycle.DrainingWorker"
+preload_app = False  # load the model after fork, in each worker
+timeout = _int("DLSTACK_TIMEOUT", 60)  # s a worker may stay silent before the master kills it
+graceful_timeout = _int("DLSTACK_GRACEFUL_TIMEOUT", 25)  # s for in-flight requests after SIGTERM (+ drain)
+keepalive = _int("DLSTACK_KEEPALIVE", 75)  # s; longer than typical load balancer idle timeouts (60 s)
+max_requests = _int("DLSTACK_MAX_REQUESTS", 100_000)  # recycle workers to bound slow leaks; 0 = never
+max_requests_jitter = max_requests // 10  # spread the recycling so workers never restart together
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # heartbeat off overlayfs disk
+accesslog = None  # the app writes one ECS access line per request
+logconfig_dict = gunicorn_logconfig()
+proc_name = "dlstack-model-server"
+forwarded_allow_ips = "*"
+
+
+def on_starting(server: Any) -> None:
+    """Start from an empty multiprocess dir: stale files from a previous run would be summed in."""
+    d = os.environ.get(MULTIPROC_ENV)
+    if d:
+        path = Path(d)
+        if path.exists():
+            for f in path.glob("*.db"):
+                f.unlink(missing_ok=True)
+        path.mkdir(parents=True, exist_ok=True)
+    server.log.info(
+        "layout: %d workers x %d threads, %s intra-op threads each",
+        workers,
+        threads,
+        os.environ["DLSTACK_INTRA_OP_THREADS"],
+    )
+    preloaded = preload_framework()
+    if preloaded:
+        server.log.info("imported the %s runtime before fork (the model loads in each worker)", preloaded)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    if os.environ.get(MULTIPROC_ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server: Any) -> None:
+    """Remove the metrics dir when ``dlstack serve`` created it (DLSTACK_OWNS_METRICS_DIR=1)."""
+    d = os.environ.get(MULTIPROC_ENV)
+    if d and os.environ.get("DLSTACK_OWNS_METRICS_DIR") == "1":
+        shutil.rmtree(d, ignore_errors=True)

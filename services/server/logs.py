@@ -1,0 +1,105 @@
+"""ECS JSON log lines on stdout (ecs-logging): one access line per request, never a payload.
+
+Gunicorn's own logger goes through the same formatter, so every stdout line is JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import ecs_logging
+
+SERVICE_NAME = "dlstack-model-server"
+ACCESS_DATASET = "dlstack.access"
+SERVER_DATASET = "dlstack.server"
+# Source locations and thread names cost time on every line and help nobody reading access logs.
+_EXCLUDE = ("log.origin", "process.thread", "process.name", "process.parent", "log.original")
+
+access_log = logging.getLogger("dlstack.access")
+server_log = logging.getLogger("dlstack.server")
+
+
+class Formatter(ecs_logging.StdlibFormatter):
+    """ecs-logging's formatter with a fast path for access lines, which carry their fields pre-nested.
+
+    The generic path extracts, flattens, de-dots and merges ~20 fields per record: a third of a
+    small request's CPU time. Access records already hold the nested ECS dict (``record.ecs``).
+    """
+
+    def format_to_ecs(self, record: logging.LogRecord) -> dict[str, Any]:
+        fields = getattr(record, "ecs", None)
+        if fields is None:
+            return super().format_to_ecs(record)
+        return {
+            "@timestamp": self._record_timestamp(record),
+            "log": {"level": record.levelname.lower(), "logger": record.name},
+            "message": record.getMessage(),
+            "ecs.version": ecs_logging.ECS_VERSION,
+            "process": {"pid": record.process},
+            "service": {"name": SERVICE_NAME},
+            **fields,
+        }
+
+
+def formatter() -> logging.Formatter:
+    return Formatter(extra={"service.name": SERVICE_NAME}, exclude_fields=_EXCLUDE)
+
+
+def setup() -> None:
+    """Idempotent: one stdout handler on the ``dlstack`` logger."""
+    root = logging.getLogger("dlstack")
+    if any(getattr(h, "_dlstack", False) for h in root.handlers):
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(formatter())
+    handler._dlstack = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    root.propagate = False
+
+
+def gunicorn_logconfig() -> dict[str, Any]:
+    """``logconfig_dict`` for gunicorn: its error log as ECS JSON on stdout; its access log off (we write ours)."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"ecs": {"()": "services.server.logs.formatter"}},
+        "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "ecs", "stream": "ext://sys.stdout"}},
+        "loggers": {
+            "gunicorn.error": {"handlers": ["stdout"], "level": "INFO", "propagate": False},
+            "gunicorn.access": {"handlers": [], "level": "CRITICAL", "propagate": False},
+        },
+        "root": {"handlers": ["stdout"], "level": "WARNING"},
+    }
+
+
+def access(
+    *,
+    model: str,
+    version: str,
+    request_id: str,
+    method: str,
+    path: str,
+    status: int,
+    duration_ns: int,
+    error: str | None = None,
+    error_type: str | None = None,
+) -> None:
+    fields: dict[str, Any] = {
+        "labels": {"model": model, "model_version": version},
+        "http": {"request": {"id": request_id, "method": method}, "response": {"status_code": status}},
+        "url": {"path": path},
+        "event": {"duration": duration_ns, "dataset": ACCESS_DATASET},
+    }
+    if error is not None:
+        fields["error"] = {"message": error, "type": error_type or "DlstackError"}
+    level = logging.ERROR if status >= 500 else logging.WARNING if status >= 400 else logging.INFO
+    access_log.log(level, "%s %s %d", method, path, status, extra={"ecs": fields})
+
+
+def event(message: str, *, level: int = logging.INFO, **fields: Any) -> None:
+    """A server lifecycle line (model load, drain ...), fields as ECS names with ``__`` for dots."""
+    extra = {"event.dataset": SERVER_DATASET, **{k.replace("__", "."): v for k, v in fields.items()}}
+    server_log.log(level, message, extra=extra)

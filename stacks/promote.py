@@ -1,0 +1,697 @@
+"""``dlstack promote`` and ``dlstack rollback``: move pinned model versions between stacks.
+
+Promotion copies what dev runs (a registry version, resolved from an alias, plus the image
+digest dev built) into ``Pulumi.prod.yaml``. It edits only ``model`` and ``image`` of the
+chosen entries with ruamel.yaml round-trip, so comments and key order survive, validates
+the result with the ``stacks.config`` schema before an atomic write, can gate on the SLO
+measured by Prometheus, prints the offline render diff, and appends a record to the
+promotion history, which ``rollback`` walks back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import io
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from services.errors import UserError
+
+HISTORY_ENV = "DLSTACK_PROMOTIONS"
+DEFAULT_HISTORY = Path("stacks") / "promotions.yaml"
+_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+_WINDOW_RE = re.compile(r"^[1-9][0-9]*(s|m|h|d)$")
+_HISTORY_HEADER = (
+    "# Promotion history, appended by `dlstack promote` and `dlstack rollback` (newest last).\n"
+    "# `dlstack rollback --env prod --model NAME` restores the version before the latest promotion.\n"
+)
+# Routes that carry inference traffic: the SLO is about predictions, not probes or scrapes.
+_INFER_ROUTES = "infer|v1_predict"
+
+
+class PromotionError(UserError):
+    """A promotion or rollback was refused; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class GateResult:
+    model: str  # model name
+    version: str  # version whose traffic was measured
+    window: str  # PromQL range, e.g. "1h"
+    requests: float  # requests in the window (estimated from rates)
+    error_ratio: float | None  # measured 5xx ratio; None = no data
+    p99_ms: float | None  # measured p99 latency; None = no data
+    slo_error_ratio: float  # objective from the target stack's slo
+    slo_p99_ms: float  # objective from the target stack's slo
+    passed: bool  # False when over either objective or without data
+    reason: str  # human summary
+
+
+@dataclass(frozen=True)
+class Change:
+    model: str  # model entry name
+    old: str  # previous ref in the target stack, e.g. mnist-mlp:1
+    new: str  # new pinned ref, e.g. mnist-mlp:2
+    old_digest: str | None  # previous image digest pin (None = built from the registry)
+    digest: str | None  # new image digest pin (None = unknown: the pin is removed)
+
+    @property
+    def noop(self) -> bool:
+        return self.old == self.new and self.old_digest == self.digest
+
+
+@dataclass
+class PromotionResult:
+    changes: list[Change]  # one per promoted model
+    target: Path  # the edited stack file
+    diff: str  # unified diff of the stack file
+    render_diff: str | None  # offline render diff, None when render is unavailable
+    render_note: str  # why render_diff is None, or ""
+    gates: list[GateResult] = field(default_factory=list)  # SLO gate results (empty without --require-slo)
+    written: bool = False  # False for --dry-run
+
+
+# ---- files, git, yaml -------------------------------------------------------------------
+
+
+def _git(args: list[str], cwd: Path) -> str | None:
+    try:
+        res = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def default_stack_dir() -> Path:
+    top = _git(["rev-parse", "--show-toplevel"], Path.cwd())
+    return Path(top) if top else Path.cwd()
+
+
+def default_history(stack_dir: Path) -> Path:
+    env = os.environ.get(HISTORY_ENV)
+    return Path(env) if env else stack_dir / DEFAULT_HISTORY
+
+
+def _yaml(indent: tuple[int, int] = (4, 2)) -> Any:
+    from ruamel.yaml import YAML
+
+    y = YAML()  # round-trip: comments, key order and quotes survive
+    y.preserve_quotes = True
+    y.width = 4096  # never re-wrap long lines people wrote
+    ind, bsi = indent
+    y.indent(mapping=max(bsi, 2), sequence=ind, offset=bsi)
+    return y
+
+
+def _load_rt(path: Path) -> tuple[Any, tuple[int, int]]:
+    from ruamel.yaml.util import load_yaml_guess_indent
+
+    text = path.read_text()
+    try:
+        _, ind, bsi = load_yaml_guess_indent(text)
+        doc = _yaml((ind or 4, bsi or 2)).load(text)
+    except Exception as exc:  # ruamel raises many types; all mean "not YAML"
+        raise PromotionError(f"{path.name}: not valid YAML: {exc}") from exc
+    return doc, (ind or 4, bsi or 2)
+
+
+def _dump(doc: Any, indent: tuple[int, int]) -> str:
+    buf = io.StringIO()
+    _yaml(indent).dump(doc, buf)
+    return buf.getvalue()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o777)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _models_seq(doc: Any, path: Path) -> Any:
+    cfg = doc.get("config") if isinstance(doc, dict) else None
+    models = cfg.get("dlstack:models") if isinstance(cfg, dict) else None
+    if not isinstance(models, list):
+        raise PromotionError(f"{path.name}: no `config: dlstack:models:` list; add the models this stack serves")
+    return models
+
+
+def _entry(models: Any, name: str) -> Any:
+    return next((m for m in models if isinstance(m, dict) and m.get("name") == name), None)
+
+
+def _check_clean(path: Path, force: bool) -> None:
+    if force:
+        return
+    status = _git(["status", "--porcelain", "--", path.name], path.parent)
+    if status:  # None = not a git repo: nothing to protect against
+        raise PromotionError(
+            f"{path.name} has uncommitted changes; commit or stash them first (promotion must be reviewable "
+            "on its own), or pass --force"
+        )
+
+
+def _validate(stack: str, path: Path, text: str) -> Any:
+    from stacks.config import load_stack_config
+
+    with tempfile.TemporaryDirectory(prefix="dlstack-promote-") as tmp:
+        candidate = Path(tmp) / path.name
+        candidate.write_text(text)
+        try:
+            return load_stack_config(stack, candidate)
+        except UserError as exc:
+            raise PromotionError(f"the resulting {path.name} would be invalid, nothing was written: {exc}") from exc
+
+
+# ---- what dev runs ----------------------------------------------------------------------
+
+
+def read_outputs(stack: str, stack_dir: Path, outputs: Path | None) -> dict[str, Any] | None:
+    """Stack outputs as JSON: ``--outputs FILE``, else ``pulumi stack output --json``, else None."""
+    if outputs is not None:
+        try:
+            data = json.loads(outputs.read_text())
+        except (OSError, ValueError) as exc:
+            raise PromotionError(
+                f"--outputs {outputs}: unreadable ({exc}); write it with `pulumi stack output --json -s {stack}`"
+            ) from exc
+    elif shutil.which("pulumi"):
+        res = subprocess.run(
+            ["pulumi", "stack", "output", "--json", "-s", stack],
+            cwd=stack_dir,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if res.returncode != 0:
+            raise PromotionError(f"`pulumi stack output --json -s {stack}` failed: {res.stderr.strip()}")
+        data = json.loads(res.stdout or "{}")
+    else:
+        return None
+    if not isinstance(data, dict):
+        raise PromotionError(f"stack outputs of {stack}: expected a JSON object with a `models` map")
+    return data
+
+
+def _running(outputs: dict[str, Any], name: str) -> tuple[str | None, str | None, str | None]:
+    """(version, digest, model sha256) a stack reports for ``name``: ``models`` = {name: {version, image, ...}}."""
+    models = outputs.get("models")
+    entry = models.get(name) if isinstance(models, dict) else None
+    if not isinstance(entry, dict):
+        return None, None, None
+    version = entry.get("version")
+    if isinstance(version, str) and ":" in version:
+        version = version.rsplit(":", 1)[1]
+    digest = entry.get("digest")
+    if not digest:
+        m = _DIGEST_RE.search(str(entry.get("image") or ""))
+        digest = m.group(0) if m else None
+    sha = entry.get("sha256")
+    return (str(version) if version is not None else None), digest, (str(sha) if sha else None)
+
+
+# ---- the SLO gate -----------------------------------------------------------------------
+
+
+def _prom_query(url: str, query: str) -> list[dict[str, Any]]:
+    import requests
+
+    try:
+        r = requests.get(f"{url.rstrip('/')}/api/v1/query", params={"query": query}, timeout=30)
+        body = r.json()
+    except (requests.RequestException, ValueError) as exc:
+        raise PromotionError(
+            f"Prometheus at {url} is unreachable or not Prometheus ({exc}); check --prometheus"
+        ) from exc
+    if body.get("status") != "success":
+        raise PromotionError(f"Prometheus rejected the query {query!r}: {body.get('error', body)}")
+    result: list[dict[str, Any]] = body["data"]["result"]
+    return result
+
+
+def _scalar(result: list[dict[str, Any]]) -> float | None:
+    if not result:
+        return None
+    v = float(result[0]["value"][1])
+    return None if math.isnan(v) else v
+
+
+def slo_gate(
+    prometheus: str, model: str, version: str, slo_error_ratio: float, slo_p99_ms: float, window: str = "1h"
+) -> GateResult:
+    """Error ratio (5xx of inference requests) and p99 latency of ``model:version`` over ``window``."""
+    if not _WINDOW_RE.match(window):
+        raise PromotionError(f"--window {window!r} is not a Prometheus duration; use e.g. 30m, 1h, 1d")
+    sel = f'model="{model}",version="{version}",route=~"{_INFER_ROUTES}"'
+    total = _scalar(_prom_query(prometheus, f"sum(increase(dlstack_requests_total{{{sel}}}[{window}]))")) or 0.0
+    errors = _scalar(_prom_query(prometheus, f'sum(rate(dlstack_requests_total{{{sel},code=~"5.."}}[{window}]))'))
+    rate_all = _scalar(_prom_query(prometheus, f"sum(rate(dlstack_requests_total{{{sel}}}[{window}]))"))
+    p99 = _scalar(
+        _prom_query(
+            prometheus,
+            f"histogram_quantile(0.99, sum by (le) (rate(dlstack_request_duration_seconds_bucket{{{sel}}}[{window}])))",
+        )
+    )
+    error_ratio = (errors or 0.0) / rate_all if rate_all else None
+    p99_ms = p99 * 1000 if p99 is not None and not math.isinf(p99) else None
+    base = dict(
+        model=model,
+        version=version,
+        window=window,
+        requests=round(total, 3),
+        slo_error_ratio=slo_error_ratio,
+        slo_p99_ms=slo_p99_ms,
+    )
+    if total <= 0 or error_ratio is None or p99_ms is None:
+        return GateResult(
+            **base,  # type: ignore[arg-type]
+            error_ratio=None,
+            p99_ms=None,
+            passed=False,
+            reason=f"no inference traffic for {model}:{version} in the last {window}: nothing proves the SLO",
+        )
+    over = []
+    if error_ratio > slo_error_ratio:
+        over.append(f"error ratio {error_ratio:.4f} > SLO {slo_error_ratio}")
+    if p99_ms > slo_p99_ms:
+        over.append(f"p99 {p99_ms:.1f} ms > SLO {slo_p99_ms} ms")
+    reason = (
+        "; ".join(over) or f"error ratio {error_ratio:.4f} <= {slo_error_ratio}, p99 {p99_ms:.1f} ms <= {slo_p99_ms} ms"
+    )
+    return GateResult(
+        **base,  # type: ignore[arg-type]
+        error_ratio=round(error_ratio, 6),
+        p99_ms=round(p99_ms, 3),
+        passed=not over,
+        reason=reason,
+    )
+
+
+# ---- render diff ------------------------------------------------------------------------
+
+
+def render_diff(stack: str, before: Path, after: Path, registry: Path | None) -> tuple[str | None, str]:
+    """Offline render of ``stack`` from both config files and their markdown diff; (None, why) if unavailable."""
+    try:
+        from stacks.render import diff_renders, render, to_markdown
+    except ImportError as exc:
+        return None, f"render is unavailable ({exc}); review the stack file diff above instead"
+    from services.registry import Registry
+
+    reg = Registry(registry)
+    try:
+        with tempfile.TemporaryDirectory(prefix="dlstack-promote-render-") as tmp:
+            a = render(stack, Path(tmp) / "before", config_file=before, registry=reg).out
+            b = render(stack, Path(tmp) / "after", config_file=after, registry=reg).out
+            text = to_markdown(diff_renders(a, b), f"{stack} now", f"{stack} after promotion")
+    except UserError as exc:
+        return None, f"render failed, so there is no render diff: {exc.message}"
+    return text, ""
+
+
+# ---- history ------------------------------------------------------------------------------
+
+
+def _load_history(path: Path) -> tuple[Any, tuple[int, int]]:
+    if not path.exists() or not path.read_text().strip():
+        return _yaml().load(_HISTORY_HEADER + "promotions: []\n"), (4, 2)
+    doc, indent = _load_rt(path)
+    if not isinstance(doc, dict) or not isinstance(doc.get("promotions"), list):
+        raise PromotionError(f"{path}: expected a mapping with a `promotions:` list")
+    return doc, indent
+
+
+def _append_history(path: Path, record: dict[str, Any]) -> None:
+    from ruamel.yaml.comments import CommentedMap
+
+    doc, indent = _load_history(path)
+    entry = CommentedMap()
+    for k, v in record.items():
+        entry[k] = v
+    doc["promotions"].append(entry)
+    _write_atomic(path, _dump(doc, indent))
+
+
+def history(path: Path) -> list[dict[str, Any]]:
+    doc, _ = _load_history(path)
+    return [dict(e) for e in doc["promotions"]]
+
+
+def _who(cwd: Path) -> str:
+    return _git(["config", "user.name"], cwd) or os.environ.get("USER") or "unknown"
+
+
+# ---- promote ------------------------------------------------------------------------------
+
+
+def _apply(entry: Any, ref: str, digest: str | None) -> None:
+    from ruamel.yaml.comments import CommentedMap
+
+    entry["model"] = ref
+    if digest is None:
+        if "image" in entry:
+            del entry["image"]  # the old digest is another version's image
+        return
+    if isinstance(entry.get("image"), dict):
+        entry["image"]["digest"] = digest
+    else:
+        image = CommentedMap()
+        image["digest"] = digest
+        entry["image"] = image
+
+
+def _digest_of(entry: Any) -> str | None:
+    image = entry.get("image")
+    return str(image["digest"]) if isinstance(image, dict) and image.get("digest") else None
+
+
+def promote(
+    from_stack: str = "dev",
+    to_stack: str = "prod",
+    models: Sequence[str] = (),
+    *,
+    outputs: Path | None = None,
+    force: bool = False,
+    require_slo: bool = False,
+    prometheus: str | None = None,
+    window: str = "1h",
+    registry: Path | None = None,
+    stack_dir: Path | None = None,
+    history_file: Path | None = None,
+    dry_run: bool = False,
+    render: bool = True,
+) -> PromotionResult:
+    """Pin ``to_stack``'s models to what ``from_stack`` runs; refuse with a reason on any doubt."""
+    from services.registry import Registry
+    from stacks.config import load_stack_config
+
+    if from_stack == to_stack:
+        raise PromotionError(f"--from and --to are both {from_stack!r}; promote between two stacks, e.g. dev -> prod")
+    if require_slo and not prometheus:
+        raise PromotionError("--require-slo needs --prometheus URL (the Prometheus that scrapes the source stack)")
+    stack_dir = stack_dir or default_stack_dir()
+    src_path, dst_path = stack_dir / f"Pulumi.{from_stack}.yaml", stack_dir / f"Pulumi.{to_stack}.yaml"
+    for p in (src_path, dst_path):
+        if not p.is_file():
+            raise PromotionError(f"{p} does not exist; run from the repo root or pass --stack-dir")
+    _check_clean(dst_path, force)
+    src = load_stack_config(from_stack, src_path)
+    dst = load_stack_config(to_stack, dst_path)
+    names = list(models) or [m.name for m in src.models]
+    if not names:
+        raise PromotionError(f"{src_path.name} has no models to promote")
+    reg = Registry(registry)
+    outs = read_outputs(from_stack, stack_dir, outputs)
+    if outs is None and not force:
+        raise PromotionError(
+            f"cannot tell which versions {from_stack} runs: no `pulumi` CLI and no --outputs FILE; "
+            f"pass --outputs with the JSON of `pulumi stack output --json -s {from_stack}`, "
+            f"or --force to promote what {src_path.name} pins"
+        )
+    doc, indent = _load_rt(dst_path)
+    seq = _models_seq(doc, dst_path)
+    changes: list[Change] = []
+    for name in names:
+        src_models = {m.name: m for m in src.models}
+        if name not in src_models:
+            raise PromotionError(
+                f"model {name!r} is not in {src_path.name} (models: {', '.join(src_models) or 'none'})"
+            )
+        entry = _entry(seq, name)
+        if entry is None:
+            raise PromotionError(
+                f"model {name!r} is not in {dst_path.name}; add an entry for it there first "
+                f"(name, model, framework, replicas, resources, slo), commit it, then promote"
+            )
+        try:
+            mv = reg.resolve(src_models[name].model)
+        except UserError as exc:
+            raise PromotionError(f"{src_path.name}: {name}: {exc.message}") from exc
+        problems = reg.verify(only=mv.ref)
+        if problems:
+            raise PromotionError(f"{mv.ref} fails registry verification: {'; '.join(problems)}")
+        digest = None
+        if outs is not None:
+            running, digest, sha = _running(outs, name)
+            if running != mv.version:
+                raise PromotionError(
+                    f"{from_stack} does not run {mv.ref} (its outputs report version {running or 'none'} for {name}); "
+                    f"deploy it first (`pulumi up -s {from_stack}`), then promote"
+                )
+            if sha is not None and sha != mv.sha256:
+                raise PromotionError(
+                    f"{from_stack} runs {name} version {running} with model sha256 {sha}, but the registry's "
+                    f"{mv.ref} is {mv.sha256}: this is another registry; pass the right --registry"
+                )
+        if dst.model(name).framework.value != mv.framework:
+            raise PromotionError(
+                f"{dst_path.name}: {name} has framework {dst.model(name).framework.value} but {mv.ref} is "
+                f"{mv.framework}; fix the framework in {dst_path.name}"
+            )
+        old = str(entry["model"])
+        changes.append(Change(name, old, mv.ref, _digest_of(entry), digest))
+        _apply(entry, mv.ref, digest)
+    before = dst_path.read_text()
+    after = _dump(doc, indent)
+    _validate(to_stack, dst_path, after)
+    gates: list[GateResult] = []
+    if require_slo:
+        assert prometheus is not None
+        for c in changes:
+            slo = dst.model(c.model).slo
+            _, version = c.new.rsplit(":", 1)
+            g = slo_gate(prometheus, c.new.split(":")[0], version, slo.error_ratio, slo.p99_ms, window)
+            gates.append(g)
+        failed = [g for g in gates if not g.passed]
+        if failed:
+            raise PromotionError(
+                "SLO gate failed, nothing was written: "
+                + "; ".join(f"{g.model}:{g.version}: {g.reason}" for g in failed)
+            )
+    result = _finish(to_stack, dst_path, before, after, registry, render)
+    result.changes, result.gates = changes, gates
+    if dry_run:
+        return result
+    _write_atomic(dst_path, after)
+    result.written = True
+    hist = history_file or default_history(stack_dir)
+    commit = _git(["rev-parse", "HEAD"], stack_dir)
+    for c in changes:
+        if c.noop:
+            continue
+        gate = next((asdict(g) for g in gates if g.model == c.new.split(":")[0]), None)
+        _append_history(
+            hist,
+            {
+                "action": "promote",
+                "from": from_stack,
+                "to": to_stack,
+                "model": c.model,
+                "old": c.old,
+                "new": c.new,
+                "old_digest": c.old_digest,
+                "digest": c.digest,
+                "git_commit": commit,
+                "time": _now(),
+                "user": _who(stack_dir),
+                "gate": gate,
+            },
+        )
+    return result
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _finish(stack: str, path: Path, before: str, after: str, registry: Path | None, render: bool) -> PromotionResult:
+    diff = "".join(
+        difflib.unified_diff(
+            before.splitlines(keepends=True), after.splitlines(keepends=True), f"a/{path.name}", f"b/{path.name}"
+        )
+    )
+    rdiff, note = None, "render skipped (--no-render)"
+    if render:
+        with tempfile.TemporaryDirectory(prefix="dlstack-promote-") as tmp:
+            new = Path(tmp) / path.name
+            new.write_text(after)
+            rdiff, note = render_diff(stack, path, new, registry)
+    return PromotionResult(changes=[], target=path, diff=diff, render_diff=rdiff, render_note=note)
+
+
+# ---- rollback -----------------------------------------------------------------------------
+
+
+def rollback(
+    env: str,
+    model: str,
+    *,
+    stack_dir: Path | None = None,
+    history_file: Path | None = None,
+    registry: Path | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    render: bool = True,
+) -> PromotionResult:
+    """Restore the version ``env`` ran before its latest (not yet rolled back) promotion of ``model``."""
+    stack_dir = stack_dir or default_stack_dir()
+    path = stack_dir / f"Pulumi.{env}.yaml"
+    if not path.is_file():
+        raise PromotionError(f"{path} does not exist; run from the repo root or pass --stack-dir")
+    hist = history_file or default_history(stack_dir)
+    records = history(hist)
+    undone = {int(r["undoes"]) for r in records if r.get("action") == "rollback" and r.get("undoes") is not None}
+    candidates = [
+        (i, r)
+        for i, r in enumerate(records)
+        if r.get("action") == "promote" and r.get("to") == env and r.get("model") == model and i not in undone
+    ]
+    if not candidates:
+        raise PromotionError(f"{hist.name} has no promotion of {model!r} to {env} left to roll back")
+    idx, rec = candidates[-1]
+    _check_clean(path, force)
+    doc, indent = _load_rt(path)
+    entry = _entry(_models_seq(doc, path), model)
+    if entry is None:
+        raise PromotionError(f"model {model!r} is not in {path.name}; nothing to roll back")
+    current = str(entry["model"])
+    if current != rec["new"] and not force:
+        raise PromotionError(
+            f"{path.name} pins {current} but the latest promotion set {rec['new']}; it was edited by hand, "
+            "so rollback would not restore a known state; fix it by hand or pass --force"
+        )
+    change = Change(model, current, str(rec["old"]), _digest_of(entry), rec.get("old_digest"))
+    _apply(entry, change.new, change.digest)
+    before, after = path.read_text(), _dump(doc, indent)
+    _validate(env, path, after)
+    result = _finish(env, path, before, after, registry, render)
+    result.changes = [change]
+    if dry_run:
+        return result
+    _write_atomic(path, after)
+    result.written = True
+    _append_history(
+        hist,
+        {
+            "action": "rollback",
+            "from": env,
+            "to": env,
+            "model": model,
+            "old": change.old,
+            "new": change.new,
+            "old_digest": change.old_digest,
+            "digest": change.digest,
+            "undoes": idx,
+            "git_commit": _git(["rev-parse", "HEAD"], stack_dir),
+            "time": _now(),
+            "user": _who(stack_dir),
+            "gate": None,
+        },
+    )
+    return result
+
+
+# ---- CLI ----------------------------------------------------------------------------------
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("promote", help="pin a stack's models to what another stack runs (dev -> prod)")
+    p.add_argument("--from", dest="from_stack", default="dev", help="source stack (default dev)")
+    p.add_argument("--to", dest="to_stack", default="prod", help="target stack (default prod)")
+    p.add_argument("--model", action="append", default=[], help="model entry name (repeatable; default all)")
+    p.add_argument("--outputs", type=Path, help="JSON of `pulumi stack output --json -s FROM`")
+    p.add_argument("--force", action="store_true", help="allow uncommitted target changes / unknown running state")
+    p.add_argument("--require-slo", action="store_true", help="refuse unless Prometheus shows the SLO is met")
+    p.add_argument("--prometheus", help="Prometheus base URL for --require-slo")
+    p.add_argument("--window", default="1h", help="SLO measurement window (default 1h)")
+    _common(p)
+    p.set_defaults(func=cmd_promote)
+
+    p = subparsers.add_parser("rollback", help="restore the version before the latest promotion")
+    p.add_argument("--env", required=True, help="stack to roll back, e.g. prod")
+    p.add_argument("--model", required=True, help="model entry name")
+    p.add_argument("--force", action="store_true", help="allow uncommitted changes / a hand-edited pin")
+    _common(p)
+    p.set_defaults(func=cmd_rollback)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--registry", type=Path, help="registry directory (default $DLSTACK_REGISTRY or ./.registry)")
+    p.add_argument("--stack-dir", type=Path, help="directory with the Pulumi.<stack>.yaml files (default repo root)")
+    p.add_argument("--history", type=Path, help=f"promotion history (default ${HISTORY_ENV} or {DEFAULT_HISTORY})")
+    p.add_argument("--dry-run", action="store_true", help="show the diff, write nothing")
+    p.add_argument("--no-render", action="store_true", help="skip the offline render diff")
+
+
+def _report(result: PromotionResult, verb: str) -> None:
+    for c in result.changes:
+        if c.noop:
+            print(f"unchanged {c.model}: {c.new}")
+            continue
+        pin = f" (image {c.digest})" if c.digest else " (no image digest known: prod builds from the registry)"
+        print(f"{verb} {c.model}: {c.old} -> {c.new}{pin}")
+    for g in result.gates:
+        print(f"SLO gate {g.model}:{g.version} over {g.window}: {'PASS' if g.passed else 'FAIL'}: {g.reason}")
+    print(result.diff or f"{result.target.name}: no change", end="" if result.diff else "\n")
+    if result.render_diff is not None:
+        print(f"--- offline render diff of {result.target.name} (before -> after) ---")
+        print(result.render_diff or "(render output unchanged)")
+    else:
+        print(f"note: {result.render_note}")
+    print("written: " + str(result.target) if result.written else "dry run: nothing written")
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    result = promote(
+        args.from_stack,
+        args.to_stack,
+        args.model,
+        outputs=args.outputs,
+        force=args.force,
+        require_slo=args.require_slo,
+        prometheus=args.prometheus,
+        window=args.window,
+        registry=args.registry,
+        stack_dir=args.stack_dir,
+        history_file=args.history,
+        dry_run=args.dry_run,
+        render=not args.no_render,
+    )
+    _report(result, "promoted" if result.written else "would promote")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    result = rollback(
+        args.env,
+        args.model,
+        stack_dir=args.stack_dir,
+        history_file=args.history,
+        registry=args.registry,
+        force=args.force,
+        dry_run=args.dry_run,
+        render=not args.no_render,
+    )
+    _report(result, "rolled back" if result.written else "would roll back")
+    return 0

@@ -1,0 +1,155 @@
+"""Adaptive batching: stacking is invisible in the answers, never mixes incompatible requests."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from services.server.batching import Batcher, Tensors
+from tests.conftest import make_torch_mlp_artifact
+from tests.serving import start_server
+
+
+class Recorder:
+    """A real (numpy) model that remembers every forward pass it ran."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.calls: list[Tensors] = []
+        self.threads: list[int] = []
+        self.delay = delay
+        self.lock = threading.Lock()
+
+    def __call__(self, inputs: Tensors) -> Tensors:
+        with self.lock:
+            self.calls.append(inputs)
+            self.threads.append(threading.get_ident())
+        time.sleep(self.delay)
+        return {f"{n}_out": a * 2 + 1 for n, a in inputs.items()}
+
+
+def run_concurrently(b: Batcher, requests_: list[Tensors]) -> list[Tensors]:
+    """Announce every request first (as the server does before decoding), then submit them from threads."""
+    for _ in requests_:
+        b.begin()
+    with ThreadPoolExecutor(len(requests_)) as pool:
+        return list(pool.map(b.submit, requests_))
+
+
+def test_concurrent_requests_share_one_forward_pass() -> None:
+    rec = Recorder()
+    b = Batcher(rec, max_batch_size=8, max_batch_time_ms=5000)
+    reqs = [{"x": np.full((1, 3), i, np.float32)} for i in range(8)]
+    outs = run_concurrently(b, reqs)
+    assert len(rec.calls) == 1 and rec.calls[0]["x"].shape == (8, 3)
+    for r, o in zip(reqs, outs, strict=True):
+        assert np.array_equal(o["x_out"], r["x"] * 2 + 1)
+
+
+def test_incompatible_requests_are_never_mixed() -> None:
+    rec = Recorder(delay=0.01)
+    b = Batcher(rec, max_batch_size=64, max_batch_time_ms=200)
+    kinds = [
+        lambda i: {"x": np.full((1, 4), i, np.float32)},
+        lambda i: {"x": np.full((2, 5), i, np.float32)},  # other trailing shape
+        lambda i: {"x": np.full((1, 4), i, np.float64)},  # other dtype
+        lambda i: {"z": np.full((1, 4), i, np.float32)},  # other input name
+        lambda i: {"x": np.full((1, 4), i, np.float32), "z": np.full((1, 4), -i, np.float32)},  # other name set
+    ]
+    reqs = [kinds[i % len(kinds)](i) for i in range(40)]
+    outs = run_concurrently(b, reqs)
+    for call in rec.calls:
+        keys = {(n, a.dtype.str, a.shape[1:]) for n, a in call.items()}
+        assert len(keys) == len(call), f"a forward pass mixed shapes/dtypes: {keys}"
+    signatures = [tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in c.items())) for c in rec.calls]
+    assert len(set(signatures)) == len(kinds)  # each kind ran, never together with another
+    for r, o in zip(reqs, outs, strict=True):
+        for n, a in r.items():
+            assert o[f"{n}_out"].dtype == a.dtype and np.array_equal(o[f"{n}_out"], a * 2 + 1)
+    assert sum(next(iter(c.values())).shape[0] for c in rec.calls) == sum(next(iter(r.values())).shape[0] for r in reqs)
+    assert len(rec.calls) < len(reqs)
+
+
+def test_large_request_runs_alone_and_batches_respect_the_limit() -> None:
+    rec = Recorder(delay=0.005)
+    b = Batcher(rec, max_batch_size=4, max_batch_time_ms=200)
+    reqs = [{"x": np.full((3, 2), i, np.float32)} for i in range(6)] + [{"x": np.ones((9, 2), np.float32)}]
+    outs = run_concurrently(b, reqs)
+    sizes = sorted(c["x"].shape[0] for c in rec.calls)
+    assert 9 in sizes and all(s <= 4 for s in sizes if s != 9)
+    assert all(np.array_equal(o["x_out"], r["x"] * 2 + 1) for r, o in zip(reqs, outs, strict=True))
+
+
+def test_a_lone_request_does_not_wait_and_runs_in_the_caller_thread() -> None:
+    rec = Recorder()
+    b = Batcher(rec, max_batch_size=8, max_batch_time_ms=5000)
+    b.begin()
+    t0 = time.monotonic()
+    b.submit({"x": np.ones((1, 2), np.float32)})
+    assert time.monotonic() - t0 < 1.0  # nobody else was arriving: no 5 s wait
+    assert rec.threads == [threading.get_ident()]  # no batching thread, no hop
+
+
+def test_a_failed_forward_reaches_every_request_of_the_batch() -> None:
+    def fail(inputs: Tensors) -> Tensors:
+        raise RuntimeError("model exploded")
+
+    b = Batcher(fail, max_batch_size=4, max_batch_time_ms=5000)
+    for _ in range(4):
+        b.begin()
+    with ThreadPoolExecutor(4) as pool:
+        futs = [pool.submit(b.submit, {"x": np.ones((1, 2))}) for _ in range(4)]
+        for f in futs:
+            with pytest.raises(RuntimeError, match="model exploded"):
+                f.result(timeout=10)
+
+
+def test_batching_off_calls_the_model_directly(tmp_path: Path) -> None:
+    from services.server.app import create_app
+    from services.server.config import ServerConfig
+
+    art = make_torch_mlp_artifact(tmp_path / "mlp", max_batch_size=8)
+    app = create_app(ServerConfig(artifact_dir=art, max_batch_size=1))  # the flag overrides model.yaml
+    server = app.extensions["dlstack"]
+    assert not server.batcher.enabled
+    seen = []
+    real = server.runtime.predict
+    server.runtime.predict = lambda inputs: (seen.append(threading.get_ident()), real(inputs))[1]
+    body = {"inputs": [{"name": "input", "shape": [1, 8], "datatype": "FP32", "data": [1] * 8}]}
+    assert app.test_client().post("/v2/models/mlp/infer", json=body).status_code == 200
+    assert seen == [threading.get_ident()]
+    assert server.batcher.arriving == 0
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_batched_responses_equal_unbatched_ones_on_a_real_server(tmp_path: Path) -> None:
+    art = make_torch_mlp_artifact(tmp_path / "mlp", sizes=(8, 64, 64, 3), seed=3)
+    rng = np.random.default_rng(1)
+    bodies = []
+    for i in range(48):
+        rows = rng.standard_normal((1 + i % 3, 8)).astype(np.float32)
+        bodies.append({"id": str(i), "inputs": [{"name": "input", "shape": list(rows.shape), "datatype": "FP32",
+                                                 "data": rows.ravel().tolist()}]})  # fmt: skip
+    with start_server(art, workers=1, threads=1, extra_args=["--max-batch-size", "1"]) as off:
+        unbatched = [requests.post(f"{off.url}/v2/models/mlp/infer", json=b).json() for b in bodies]
+    with start_server(
+        art, workers=1, threads=16, extra_args=["--max-batch-size", "8", "--max-batch-time-ms", "20"]
+    ) as on:
+        with ThreadPoolExecutor(16) as pool:
+            batched = list(pool.map(lambda b: requests.post(f"{on.url}/v2/models/mlp/infer", json=b).json(), bodies))
+        metrics = requests.get(f"{on.url}/metrics").text
+    for u, b in zip(unbatched, batched, strict=True):
+        assert u["id"] == b["id"] and u["outputs"][0]["shape"] == b["outputs"][0]["shape"]
+        np.testing.assert_allclose(b["outputs"][0]["data"], u["outputs"][0]["data"], rtol=0, atol=1e-6)
+    passes = _metric(metrics, "dlstack_batch_size_count")
+    rows = _metric(metrics, "dlstack_batch_size_sum")
+    assert rows == sum(b["inputs"][0]["shape"][0] for b in bodies)
+    assert passes < len(bodies), "no request was batched with another"

@@ -1,0 +1,144 @@
+"""Gunicorn layout from the CPU limit, model loaded after fork, graceful SIGTERM draining under load."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from services.errors import UserError
+from services.server.config import cgroup_cpu_limit, cpu_limit, layout
+from tests.conftest import ROOT, make_torch_mlp_artifact
+from tests.serving import start_server
+
+
+def test_cgroup_v2_and_v1_cpu_limits(tmp_path: Path) -> None:
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpu_limit(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_limit(tmp_path) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_limit(v1) == 3.0
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_cpu_limit(v1) is None
+
+
+def test_cpu_limit_env_wins_and_bad_values_say_how_to_fix() -> None:
+    assert cpu_limit({"DLSTACK_CPU_LIMIT": "500m"}) == 0.5
+    assert cpu_limit({"DLSTACK_CPU_LIMIT": "3"}) == 3.0
+    with pytest.raises(UserError, match=r'DLSTACK_CPU_LIMIT=\'two\' is not a CPU count \(e.g. "2"'):
+        cpu_limit({"DLSTACK_CPU_LIMIT": "two"})
+    with pytest.raises(UserError, match="must be > 0"):
+        cpu_limit({"DLSTACK_CPU_LIMIT": "0"})
+
+
+@pytest.mark.parametrize(
+    ("cpus", "kw", "expected"),
+    [
+        (2, {}, (2, 4, 1)),  # one worker per CPU, one intra-op thread each
+        (4, {"workers": 2}, (2, 4, 2)),  # fewer workers: the rest of the CPUs go to intra-op threads
+        (0.5, {}, (1, 4, 1)),  # a fraction of a CPU still needs one worker
+        (2, {"max_batch_size": 16}, (2, 16, 1)),  # enough HTTP threads to fill a batch
+        (2, {"http_threads": 3, "max_batch_size": 16}, (2, 3, 1)),  # an explicit value wins
+    ],
+)
+def test_layout_from_cpu_limit(cpus: float, kw: dict[str, Any], expected: tuple[int, int, int]) -> None:
+    lay = layout(cpus, **kw)
+    assert (lay.workers, lay.http_threads, lay.intra_op_threads) == expected
+
+
+def gunicorn_settings(env: dict[str, str]) -> dict[str, Any]:
+    code = (
+        "import json, os, services.server.gunicorn_conf as c; print(json.dumps({k: getattr(c, k) for k in "
+        "('workers', 'threads', 'worker_class', 'preload_app', 'timeout', 'graceful_timeout', 'keepalive', "
+        "'max_requests', 'max_requests_jitter', 'bind')} | {'intra': os.environ['DLSTACK_INTRA_OP_THREADS']}))"
+    )
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DLSTACK_")}
+    out = subprocess.run([sys.executable, "-c", code], env=base | env, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def test_gunicorn_conf_defaults_follow_the_cpu_limit(tmp_path: Path) -> None:
+    s = gunicorn_settings({"DLSTACK_CPU_LIMIT": "4", "DLSTACK_WORKERS": "2", "DLSTACK_BIND": "127.0.0.1:9"})
+    assert (s["workers"], s["threads"], s["intra"]) == (2, 4, "2")
+    assert s["worker_class"] == "services.server.lifecycle.DrainingWorker" and s["preload_app"] is False
+    assert s["bind"] == ["127.0.0.1:9"]
+    assert s["graceful_timeout"] > 0 and s["timeout"] > s["graceful_timeout"] / 2 and s["keepalive"] >= 60
+    assert s["max_requests"] > 0 and 0 < s["max_requests_jitter"] < s["max_requests"]
+    art = make_torch_mlp_artifact(tmp_path / "mlp", max_batch_size=12)
+    s = gunicorn_settings({"DLSTACK_CPU_LIMIT": "3", "DLSTACK_ARTIFACT_DIR": str(art)})
+    assert (s["workers"], s["threads"], s["intra"]) == (3, 12, "1")  # threads enough to fill a batch
+
+
+def test_model_is_loaded_after_fork_in_each_worker(tmp_path: Path) -> None:
+    art = make_torch_mlp_artifact(tmp_path / "mlp")
+    with start_server(art, workers=2, env={"DLSTACK_CPU_LIMIT": "4"}) as srv:
+        workers = srv.worker_pids()
+        assert len(workers) == 2
+
+        def has_torch(pid: int) -> bool:
+            return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+        # torch is imported before fork (shared pages), but the model is loaded by each worker, not the master
+        assert has_torch(srv.proc.pid) and all(has_torch(w) for w in workers)
+        assert {e["process"]["pid"] for e in srv.load_events()} == workers
+        assert [e["labels"]["intra_op_threads"] for e in srv.load_events()] == ["2", "2"]  # 4 CPUs / 2 workers
+
+
+def test_sigterm_under_load_drains_without_failed_requests(tmp_path: Path) -> None:
+    art = make_torch_mlp_artifact(tmp_path / "slow", sizes=(8, 1024, 1024, 1024, 3))
+    body = {"inputs": [{"name": "input", "shape": [32, 8], "datatype": "FP32", "data": [0.5] * 256}]}
+    with start_server(art, workers=2, threads=8, env={"DLSTACK_DRAIN_SECONDS": "1.5"}) as srv:
+        url = f"{srv.url}/v2/models/mlp/infer"
+        results: list[tuple[float, str]] = []  # (send time, outcome)
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def client() -> None:
+            session = requests.Session()
+            while not stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    outcome = str(session.post(url, json=body, timeout=30).status_code)
+                except requests.RequestException as exc:
+                    outcome = type(exc).__name__
+                    time.sleep(0.05)
+                with lock:
+                    results.append((t0, outcome))
+
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(16)]
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+        t_signal = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        ready = requests.get(f"{srv.url}/v2/health/ready", timeout=10)
+        live = requests.get(f"{srv.url}/v2/health/live", timeout=10)
+        rc = srv.proc.wait(60)
+        stop.set()
+        for t in threads:
+            t.join(30)
+
+    assert ready.status_code == 503 and "draining" in ready.json()["error"]
+    assert live.status_code == 200
+    assert rc == 0
+    before = [o for t0, o in results if t0 < t_signal]
+    after = [o for t0, o in results if t0 >= t_signal]
+    assert len(before) >= 16
+    assert set(before) == {"200"}, f"requests sent before SIGTERM failed: {sorted(set(before))}"
+    assert "200" in after, "the server stopped accepting before the drain period ended"
+    assert not [o for o in after if o.startswith("5")]
