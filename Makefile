@@ -30,7 +30,7 @@ serve: example
 
 # The default suite: everything but the OCI image build (see image-test).
 test: venv
-	$(BIN)/pytest -q -m "not image" -n 2 --dist loadgroup
+	$(BIN)/pytest -q -m "not image" -n 2 --dist loadfile
 
 lint: venv
 	$(BIN)/ruff check services infra stacks tests

@@ -30,6 +30,7 @@ from services.errors import UserError
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _QUANTITY = re.compile(r"^(\d+(\.\d+)?|\.\d+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+_CPU = re.compile(r"^(\d+(\.\d+)?|\.\d+)(m?)$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
 COMPONENT = "model-server"
@@ -139,6 +140,8 @@ class ModelServiceArgs:
             value = getattr(self, key)
             if value is not None and not _QUANTITY.match(str(value)):
                 problems.append(f'{key} "{value}" is not a Kubernetes quantity (e.g. "500m", "2", "1Gi")')
+        if self.cpu_limit is None and _QUANTITY.match(self.cpu) and not _CPU.match(self.cpu):
+            problems.append(f'cpu "{self.cpu}" is not a CPU quantity (e.g. "500m" or "2"); or set cpu_limit')
         if self.workers < 1:
             problems.append(f"workers {self.workers} must be >= 1")
         if self.threads is not None and self.threads < 1:
@@ -179,7 +182,7 @@ def _image_ok(image: pulumi.Input[str]) -> bool:
 
 
 def _cores(quantity: str) -> float:
-    m = re.match(r"^(\d+(\.\d+)?|\.\d+)(m?)$", quantity)
+    m = _CPU.match(quantity)
     if not m:
         raise UserError(f'cpu "{quantity}" is not a CPU quantity (e.g. "500m" or "2"); set cpu_limit explicitly')
     return float(m[1]) / (1000 if m[3] else 1)

@@ -1,14 +1,17 @@
 """Build the reference models that ``make serve`` and the benchmarks use, deterministically.
 
 ``python -m services.example --out DIR [--model mnist-mlp|tiny-cnn]`` writes a packaged artifact. Weights
-come from a fixed seed and the models are traced (see ``build``), so every run gives the same sha256.
+come from a fixed seed and tracing is made reproducible (see ``trace``), so every run on one installation
+gives the same sha256 (TorchScript debug info holds the installation's source paths).
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,22 +64,65 @@ MODELS: dict[str, tuple[Callable[[], Any], tuple[int, ...], int]] = {
 }
 
 
-def build(out: Path | str, model: str = "mnist-mlp", *, force: bool = False, **serving: Any) -> ModelSpec:
-    """Script, save and package one reference model into ``out``; returns its spec."""
+def trace(module: Any, example: Any) -> Any:
+    """torch.jit.trace with reproducible bytes.
+
+    Not torch.jit.script: scripting writes module constants in hash-seed order, so bytes changed per run (these
+    models have no control flow, so a trace is the whole model). The trace's debug info records the Python call
+    stack, so it runs in a fresh thread whose stack is the same whoever calls ``build``.
+    """
     import torch
 
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["module"] = torch.jit.trace(module, example)
+        except BaseException as exc:  # re-raised in the caller's thread
+            result["error"] = exc
+
+    worker = threading.Thread(target=run, name="dlstack-trace")
+    worker.start()
+    worker.join()
+    if "error" in result:
+        raise result["error"]
+    return result["module"]
+
+
+def save_model(model: str, path: Path | str) -> None:
+    """Build and save one reference model as TorchScript (call it in a fresh interpreter, see ``build``)."""
+    import torch
+
+    builder, shape, _ = MODELS[model]
+    trace(builder().eval(), torch.zeros((1, *shape))).save(str(path))
+
+
+def build(
+    out: Path | str, model: str = "mnist-mlp", *, force: bool = False, isolated: bool = True, **serving: Any
+) -> ModelSpec:
+    """Build, save and package one reference model into ``out``; returns its spec.
+
+    ``isolated`` saves in a fresh interpreter: TorchScript numbers its classes per process (``___torch_mangle_N``),
+    so a process that scripted anything before would write other bytes. ``main`` is itself fresh and skips that.
+    """
     from services.artifact import TensorSpec
     from services.packaging import package_model
 
     if model not in MODELS:
         raise DlstackError(f"unknown example model {model!r}; choose one of {sorted(MODELS)}")
-    builder, shape, classes = MODELS[model]
-    # trace, not script: scripting emits module constants in hash-seed order, so bytes differed per run;
-    # these models have no control flow, so the trace is the whole model
-    scripted = torch.jit.trace(builder().eval(), torch.zeros((1, *shape)))
+    _, shape, classes = MODELS[model]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pt"
-        scripted.save(str(path))
+        if isolated:
+            code = "import sys; from services.example import save_model; save_model(sys.argv[1], sys.argv[2])"
+            root = Path(__file__).resolve().parent.parent
+            done = subprocess.run(
+                [sys.executable, "-c", code, model, str(path)], cwd=root, capture_output=True, text=True, check=False
+            )
+            if done.returncode != 0:
+                raise DlstackError(f"building {model} failed:\n{done.stderr[-2000:]}")
+        else:
+            save_model(model, path)
         return package_model(
             path,
             name=model,
@@ -97,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=8, help="serving.max_batch_size (default 8)")
     args = p.parse_args(argv)
     try:
-        spec = build(args.out, args.model, max_batch_size=args.max_batch_size)
+        spec = build(args.out, args.model, isolated=False, max_batch_size=args.max_batch_size)
     except DlstackError as exc:
         print(f"{p.prog}: error: {exc.message}", file=sys.stderr)
         return 2

@@ -167,9 +167,10 @@ def infer_savedmodel(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
         raise UserError(f"{path}: not a loadable SavedModel ({exc})") from exc
     ins: Mapping[str, Any] = fn.structured_input_signature[1]
     outs: Mapping[str, Any] = fn.structured_outputs
+    # sorted: TF does not keep a stable order for the signature's dicts, and model.yaml must be reproducible
     return (
-        [_tensor(n, tf_dtype(s.dtype), tf_shape(s), str(path)) for n, s in ins.items()],
-        [_tensor(n, tf_dtype(s.dtype), tf_shape(s), str(path)) for n, s in outs.items()],
+        [_tensor(n, tf_dtype(s.dtype), tf_shape(s), str(path)) for n, s in sorted(ins.items())],
+        [_tensor(n, tf_dtype(s.dtype), tf_shape(s), str(path)) for n, s in sorted(outs.items())],
     )
 
 

@@ -458,9 +458,10 @@ def _message(err: Any) -> tuple[tuple[int | str, ...], str]:
     if kind == "extra_forbidden":
         key = str(loc[-1])
         valid = _fields_at(loc[:-1])
+        prefix = f"{NAMESPACE}:" if len(loc) == 1 else ""  # top-level keys are written "dlstack:<key>"
         close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-        hint = f'; did you mean "{close[0]}"?' if close else f"; valid keys: {', '.join(valid)}"
-        return loc[:-1], f'unknown key "{key}"{hint}'
+        hint = f'did you mean "{prefix}{close[0]}"?' if close else f"valid keys: {', '.join(valid)}"
+        return loc, f"unknown key; {hint}"
     if kind == "missing":
         return loc, "is required; add it"
     msg = str(err["msg"])

@@ -292,13 +292,16 @@ def to_markdown(d: RenderDiff, a_label: str, b_label: str) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def render_git_ref(ref: str, stack: str, out: Path, config_file: Path | None = None) -> Path:
-    """Render ``stack`` as it was at git ``ref`` (``git archive`` into a temp dir, its own code)."""
+def render_git_ref(ref: str, stack: str, out: Path, config_file: Path | None = None, repo: Path = ROOT) -> Path:
+    """Render ``stack`` as it was at git ``ref`` of ``repo`` (``git archive`` into a temp dir, its own code).
+
+    Read-only for the repository: no worktree, no checkout. The model registry is the current one.
+    """
     with tempfile.TemporaryDirectory(prefix="dlstack-ref-") as tmp:
         src = Path(tmp) / "src"
         src.mkdir()
         archive = subprocess.run(
-            ["git", "-C", str(ROOT), "archive", "--format=tar", ref], capture_output=True, check=False
+            ["git", "-C", str(repo), "archive", "--format=tar", ref], capture_output=True, check=False
         )
         if archive.returncode != 0:
             raise UserError(

@@ -50,7 +50,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"tmp": tmp, "stdout": res.stdout, "report": json.loads((tmp / "report.json").read_text()), "stack": stack}
 
 
-def test_measurement_is_real_and_consistent(run: dict[str, Any]) -> None:
+def _measurement_is_real_and_consistent(run: dict[str, Any]) -> None:
     m = run["report"]["measurement"]
     steps = m["steps"]
     assert m["loadgen"] == ("wrk" if Path("/usr/bin/wrk").exists() else "python")
@@ -66,7 +66,7 @@ def test_measurement_is_real_and_consistent(run: dict[str, Any]) -> None:
     assert m["peak_pss_bytes"] > 50 * MI  # python + torch + a model: tens of MiB at least
 
 
-def test_recommendation_follows_the_measurement(run: dict[str, Any]) -> None:
+def _recommendation_follows_the_measurement(run: dict[str, Any]) -> None:
     m, rec = run["report"]["measurement"], run["report"]["recommendation"]
     assert rec["headroom"] == 0.3
     assert rec["replicas_min"] == math.ceil(TARGET_RPS * 1.3 / m["per_replica_rps"])
@@ -80,7 +80,7 @@ def test_recommendation_follows_the_measurement(run: dict[str, Any]) -> None:
     assert f"max sustainable: {m['max_rps']:.1f} req/s" in out
 
 
-def test_plot_is_a_readable_png(run: dict[str, Any]) -> None:
+def _plot_is_a_readable_png(run: dict[str, Any]) -> None:
     import matplotlib.image
 
     png = run["tmp"] / "capacity.png"
@@ -89,7 +89,7 @@ def test_plot_is_a_readable_png(run: dict[str, Any]) -> None:
     assert w >= 600 and h >= 400
 
 
-def test_write_config_updates_the_entry_and_keeps_comments(run: dict[str, Any]) -> None:
+def _write_config_updates_the_entry_and_keeps_comments(run: dict[str, Any]) -> None:
     rec = run["report"]["recommendation"]
     before = (ROOT / "Pulumi.dev.yaml").read_text().splitlines()
     after = run["stack"].read_text().splitlines()
@@ -104,6 +104,19 @@ def test_write_config_updates_the_entry_and_keeps_comments(run: dict[str, Any]) 
     original = load_stack_config("dev", ROOT / "Pulumi.dev.yaml")
     others = [m.name for m in original.models if m.name != "mnist-mlp"]
     assert others and all(cfg.model(n) == original.model(n) for n in others)
+
+
+def test_capacity_cli_end_to_end(run: dict[str, Any], subtests: Any) -> None:
+    """One test over one real measurement (xdist could split separate tests across workers); each check
+    is a subtest, reported on its own."""
+    for check in (
+        _measurement_is_real_and_consistent,
+        _recommendation_follows_the_measurement,
+        _plot_is_a_readable_png,
+        _write_config_updates_the_entry_and_keeps_comments,
+    ):
+        with subtests.test(msg=check.__name__.strip("_")):
+            check(run)
 
 
 def _rec(**kw: Any) -> Recommendation:

@@ -59,28 +59,71 @@ def test_layout_from_cpu_limit(cpus: float, kw: dict[str, Any], expected: tuple[
     assert (lay.workers, lay.http_threads, lay.intra_op_threads) == expected
 
 
-def gunicorn_settings(env: dict[str, str]) -> dict[str, Any]:
+def gunicorn_settings(env: dict[str, str], tmp_path: Path) -> dict[str, Any]:
     code = (
         "import json, os, services.server.gunicorn_conf as c; print(json.dumps({k: getattr(c, k) for k in "
         "('workers', 'threads', 'worker_class', 'preload_app', 'timeout', 'graceful_timeout', 'keepalive', "
         "'max_requests', 'max_requests_jitter', 'bind')} | {'intra': os.environ['DLSTACK_INTRA_OP_THREADS']}))"
     )
     base = {k: v for k, v in os.environ.items() if not k.startswith("DLSTACK_")}
+    base["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "metrics")
     out = subprocess.run([sys.executable, "-c", code], env=base | env, cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 
 def test_gunicorn_conf_defaults_follow_the_cpu_limit(tmp_path: Path) -> None:
-    s = gunicorn_settings({"DLSTACK_CPU_LIMIT": "4", "DLSTACK_WORKERS": "2", "DLSTACK_BIND": "127.0.0.1:9"})
+    art = make_torch_mlp_artifact(tmp_path / "mlp", max_batch_size=12)
+    env = {
+        "DLSTACK_CPU_LIMIT": "4",
+        "DLSTACK_WORKERS": "2",
+        "DLSTACK_BIND": "127.0.0.1:9",
+        "DLSTACK_MAX_BATCH_SIZE": "1",
+    }
+    s = gunicorn_settings(env | {"DLSTACK_ARTIFACT_DIR": str(art)}, tmp_path)
     assert (s["workers"], s["threads"], s["intra"]) == (2, 4, "2")
     assert s["worker_class"] == "services.server.lifecycle.DrainingWorker" and s["preload_app"] is False
     assert s["bind"] == ["127.0.0.1:9"]
     assert s["graceful_timeout"] > 0 and s["timeout"] > s["graceful_timeout"] / 2 and s["keepalive"] >= 60
     assert s["max_requests"] > 0 and 0 < s["max_requests_jitter"] < s["max_requests"]
-    art = make_torch_mlp_artifact(tmp_path / "mlp", max_batch_size=12)
-    s = gunicorn_settings({"DLSTACK_CPU_LIMIT": "3", "DLSTACK_ARTIFACT_DIR": str(art)})
+    s = gunicorn_settings({"DLSTACK_CPU_LIMIT": "3", "DLSTACK_ARTIFACT_DIR": str(art)}, tmp_path)
     assert (s["workers"], s["threads"], s["intra"]) == (3, 12, "1")  # threads enough to fill a batch
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"DLSTACK_WORKERS": "two"}, "DLSTACK_WORKERS='two' is not an integer"),
+        ({"DLSTACK_MAX_BATCH_SIZE": "0"}, "DLSTACK_MAX_BATCH_SIZE='0' must be >= 1"),
+        ({"DLSTACK_CPU_LIMIT": "lots"}, "DLSTACK_CPU_LIMIT='lots' is not a CPU count"),
+        ({"DLSTACK_ARTIFACT_DIR": ""}, "DLSTACK_ARTIFACT_DIR is not set"),
+    ],
+)
+def test_bad_env_fails_once_in_the_master_with_a_clear_message(
+    tmp_path: Path, env: dict[str, str], message: str
+) -> None:
+    """Straight gunicorn (as the image runs it): a bad setting must not crash-loop every worker."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DLSTACK_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+    base |= {"DLSTACK_ARTIFACT_DIR": str(tmp_path), "DLSTACK_BIND": "127.0.0.1:0", "TMPDIR": str(tmp_path)}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            "python:services.server.gunicorn_conf",
+            "services.server.app:create_app()",
+        ],
+        env=base | env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0
+    assert f"dlstack serve: error: {message}" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not list(tmp_path.glob("dlstack-metrics-*"))  # nothing left behind
 
 
 def test_model_is_loaded_after_fork_in_each_worker(tmp_path: Path) -> None:

@@ -71,7 +71,7 @@ def server_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[
     yield lines, expected
 
 
-def test_every_line_is_ecs_json_with_the_base_fields(server_log: tuple[list[str], dict[str, int]]) -> None:
+def _every_line_is_ecs_json_with_the_base_fields(server_log: tuple[list[str], dict[str, int]]) -> None:
     lines, _ = server_log
     assert len(lines) >= 10  # worker boots + model loads + one access line per request
     for line in lines:
@@ -82,7 +82,7 @@ def test_every_line_is_ecs_json_with_the_base_fields(server_log: tuple[list[str]
         assert doc["log.level"] in {"debug", "info", "warning", "error", "critical"}
 
 
-def test_every_access_line_has_the_access_fields(server_log: tuple[list[str], dict[str, int]]) -> None:
+def _every_access_line_has_the_access_fields(server_log: tuple[list[str], dict[str, int]]) -> None:
     lines, expected = server_log
     access = [flatten(json.loads(x)) for x in lines]
     access = [d for d in access if d.get("event.dataset") == logstash.ACCESS_DATASET]
@@ -102,7 +102,7 @@ def test_every_access_line_has_the_access_fields(server_log: tuple[list[str], di
             assert not any(f in d for f in ERROR_FIELDS), d
 
 
-def test_payloads_are_never_logged(server_log: tuple[list[str], dict[str, int]]) -> None:
+def _payloads_are_never_logged(server_log: tuple[list[str], dict[str, int]]) -> None:
     lines, _ = server_log
     assert not [x for x in lines if str(MARKER) in x]
 
@@ -169,7 +169,7 @@ def test_kibana_objects_use_only_contract_fields(tmp_path: Path) -> None:
     assert [json.loads(line)["id"] for line in ndjson.splitlines()] == [view["id"], search["id"]]
 
 
-def test_errors_search_matches_the_error_lines(server_log: tuple[list[str], dict[str, int]]) -> None:
+def _errors_search_matches_the_error_lines(server_log: tuple[list[str], dict[str, int]]) -> None:
     """The saved search's query, applied to the real lines, finds exactly the failed requests."""
     lines, expected = server_log
     docs = [flatten(json.loads(x)) for x in lines]
@@ -184,3 +184,16 @@ def test_errors_search_matches_the_error_lines(server_log: tuple[list[str], dict
     for d in docs:
         if d.get("http.request.id") in hits:
             assert all(c in d for c in kibana.ERRORS_COLUMNS), d  # every column has a value
+
+
+def test_real_server_logs_meet_the_contract(server_log: tuple[list[str], dict[str, int]], subtests: Any) -> None:
+    """One test over one real server run (xdist could split separate tests across workers); each check
+    is a subtest, reported on its own."""
+    for check in (
+        _every_line_is_ecs_json_with_the_base_fields,
+        _every_access_line_has_the_access_fields,
+        _payloads_are_never_logged,
+        _errors_search_matches_the_error_lines,
+    ):
+        with subtests.test(msg=check.__name__.strip("_")):
+            check(server_log)

@@ -283,6 +283,7 @@ def test_topology_spread_in_prod_only(dev: list[dict[str, Any]], prod: list[dict
         ({"canary": CanaryArgs(image="r/m@sha256:" + "0" * 64, model_version="2", weight=150)}, "canary.weight 150"),
         ({"canary": CanaryArgs(image="r/m:2", model_version="1")}, "equals the stable version"),
         ({"run_as_user": 0}, "run_as_user 0 must be a non-root UID"),
+        ({"cpu": "1Gi"}, 'cpu "1Gi" is not a CPU quantity'),
     ],
 )
 def test_bad_args_fail_before_anything_is_created(kw: dict[str, Any], message: str) -> None:

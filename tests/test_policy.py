@@ -5,11 +5,11 @@ the wrapper objects themselves (built without the Pulumi engine).
 
 from __future__ import annotations
 
+import ast
 import copy
 import importlib.util
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -296,4 +296,8 @@ def test_pack_files() -> None:
     for line in requirements.splitlines():
         if line and not line.startswith("#"):
             assert line in root_pins, f"{line} differs from the project's pin"
-    assert isinstance(Path(PACK / "policies.py"), Path)
+    # The pack's own virtualenv has only pulumi and pulumi-policy: the rules must need nothing else.
+    tree = ast.parse((PACK / "policies.py").read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported and imported <= set(sys.stdlib_module_names) | {"__future__"}, imported

@@ -313,7 +313,7 @@ def _all_queries() -> list[Query]:
 # --- tests --------------------------------------------------------------------------------------------
 
 
-def test_request_counters_match_the_load(stack: tuple[Prom, ServerHandle, dict[tuple[str, str], int]]) -> None:
+def _request_counters_match_the_load(stack: tuple[Prom, ServerHandle, dict[tuple[str, str], int]]) -> None:
     prom, _, sent = stack
     assert _counts(prom) == sent
     # Both gunicorn workers served: the multiprocess collector sums them into one series per label set.
@@ -321,7 +321,7 @@ def test_request_counters_match_the_load(stack: tuple[Prom, ServerHandle, dict[t
     assert [s["metric"]["version"] for s in per_version] == ["1"]
 
 
-def test_every_dashboard_query_returns_labelled_series(stack: tuple[Prom, ServerHandle, Any]) -> None:
+def _every_dashboard_query_returns_labelled_series(stack: tuple[Prom, ServerHandle, Any]) -> None:
     prom, _, _ = stack
     qs = _all_queries()
     assert len(qs) >= 15
@@ -335,7 +335,7 @@ def test_every_dashboard_query_returns_labelled_series(stack: tuple[Prom, Server
     assert problems() == []
 
 
-def test_resource_panels_count_only_the_model_container(stack: tuple[Prom, ServerHandle, Any]) -> None:
+def _resource_panels_count_only_the_model_container(stack: tuple[Prom, ServerHandle, Any]) -> None:
     prom, _, _ = stack
     (memory_used, memory_requested) = [q for q in _all_queries() if q.panel.startswith("Memory")]
     used = prom.query(memory_used.promql(RATE_INTERVAL))
@@ -349,7 +349,7 @@ def test_resource_panels_count_only_the_model_container(stack: tuple[Prom, Serve
     assert float(requested["value"][1]) == 512 * 2**20
 
 
-def test_every_rule_evaluates_on_real_series(stack: tuple[Prom, ServerHandle, Any]) -> None:
+def _every_rule_evaluates_on_real_series(stack: tuple[Prom, ServerHandle, Any]) -> None:
     prom, _, _ = stack
     groups = rule_groups([SLO])
     records = [r for g in groups for r in g["rules"] if "record" in r]
@@ -373,7 +373,7 @@ def test_every_rule_evaluates_on_real_series(stack: tuple[Prom, ServerHandle, An
     assert float(ratio[0]["value"][1]) == 0.0  # 4xx are not SLO errors and there was no 5xx
 
 
-def test_alerts_go_pending_on_real_series(stack: tuple[Prom, ServerHandle, Any]) -> None:
+def _alerts_go_pending_on_real_series(stack: tuple[Prom, ServerHandle, Any]) -> None:
     prom, _, _ = stack
 
     def alerts() -> dict[str, dict[str, str]]:
@@ -392,26 +392,43 @@ def test_alerts_go_pending_on_real_series(stack: tuple[Prom, ServerHandle, Any])
     assert {a["model"] for a in got.values()} == {MODEL}
 
 
-@pytest.mark.parametrize(
-    ("expr", "legend", "why"),
-    [
-        # misspelled metric
-        (f'sum by (version) (rate(dlstack_request_total{{model="{MODEL}"}}[1m]))', "{{version}}", "has no series"),
-        # a label the server does not export
-        (f'sum by (version) (rate(dlstack_requests_total{{modle="{MODEL}"}}[1m]))', "{{version}}", "'modle' label"),
-        # aggregated away a label the legend shows
-        (f'sum by (model) (rate(dlstack_requests_total{{model="{MODEL}"}}[1m]))', "{{version}}", "lacks labels"),
-        # a wrong label value
-        ('sum by (version) (rate(dlstack_requests_total{model="e2e_mlp"}[1m]))', "{{version}}", "no series"),
-        # a cAdvisor label cAdvisor does not have
-        ('sum by (pod) (container_memory_working_set_bytes{container_name="x"})', "{{pod}}", "'container_name'"),
-        # invalid PromQL
-        (f'sum by (version) (rate(dlstack_requests_total{{model="{MODEL}"}}))', "{{version}}", "rejected"),
-    ],
-)
-def test_checker_rejects_broken_queries(
-    stack: tuple[Prom, ServerHandle, Any], expr: str, legend: str, why: str
-) -> None:
+# Each must be rejected by Prom.problems, with the reason given.
+BROKEN: list[tuple[str, str, str]] = [
+    # misspelled metric
+    (f'sum by (version) (rate(dlstack_request_total{{model="{MODEL}"}}[1m]))', "{{version}}", "has no series"),
+    # a label the server does not export
+    (f'sum by (version) (rate(dlstack_requests_total{{modle="{MODEL}"}}[1m]))', "{{version}}", "'modle' label"),
+    # aggregated away a label the legend shows
+    (f'sum by (model) (rate(dlstack_requests_total{{model="{MODEL}"}}[1m]))', "{{version}}", "lacks labels"),
+    # a wrong label value
+    ('sum by (version) (rate(dlstack_requests_total{model="e2e_mlp"}[1m]))', "{{version}}", "no series"),
+    # a cAdvisor label cAdvisor does not have
+    ('sum by (pod) (container_memory_working_set_bytes{container_name="x"})', "{{pod}}", "'container_name'"),
+    # invalid PromQL
+    (f'sum by (version) (rate(dlstack_requests_total{{model="{MODEL}"}}))', "{{version}}", "rejected"),
+]
+
+
+def _checker_rejects_broken_queries(stack: tuple[Prom, ServerHandle, Any], subtests: Any) -> None:
     prom, _, _ = stack
-    problems = prom.problems(expr, _legend_labels(Query(panel="broken", expr=expr, legend=legend)))
-    assert any(why in p for p in problems), problems
+    for expr, legend, why in BROKEN:
+        with subtests.test(msg="broken query is rejected", expr=expr):
+            problems = prom.problems(expr, _legend_labels(Query(panel="broken", expr=expr, legend=legend)))
+            assert any(why in p for p in problems), problems
+
+
+def test_dashboards_and_rules_against_real_prometheus(
+    stack: tuple[Prom, ServerHandle, dict[tuple[str, str], int]], subtests: Any
+) -> None:
+    """One test over one expensive stack (xdist could split separate tests across workers); each check
+    is a subtest, reported on its own."""
+    for check in (
+        _request_counters_match_the_load,
+        _every_dashboard_query_returns_labelled_series,
+        _resource_panels_count_only_the_model_container,
+        _every_rule_evaluates_on_real_series,
+        _alerts_go_pending_on_real_series,
+    ):
+        with subtests.test(msg=check.__name__.strip("_")):
+            check(stack)
+    _checker_rejects_broken_queries(stack, subtests)

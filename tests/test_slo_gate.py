@@ -151,9 +151,11 @@ config:
 """
 
 
-def test_gate_against_real_prometheus(scraped: tuple[str, Path]) -> None:
+def test_gate_against_real_prometheus(
+    scraped: tuple[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """One test on purpose: the scraped server costs ~15 s, and xdist may split a module's tests."""
-    prom, _ = scraped
+    prom, registry = scraped
     ok = slo_gate(prom, "mnist-mlp", "1", slo_error_ratio=0.5, slo_p99_ms=10_000, window="1m")
     assert ok.passed, ok.reason
     assert ok.requests > 0
@@ -172,11 +174,10 @@ def test_gate_against_real_prometheus(scraped: tuple[str, Path]) -> None:
     assert not none.passed
     assert none.reason == "no inference traffic for mnist-mlp:2 in the last 1m: nothing proves the SLO"
 
+    check_promote_require_slo(prom, registry, tmp_path, capsys)
 
-def test_promote_with_require_slo(
-    scraped: tuple[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    prom, registry = scraped
+
+def check_promote_require_slo(prom: str, registry: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for ratio, passes in ((0.01, False), (0.5, True)):
         d = tmp_path / str(ratio)
         d.mkdir()

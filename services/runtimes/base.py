@@ -107,7 +107,7 @@ def check_names(rt: Runtime, side: str, declared: list[str], actual: list[str]) 
     """Raise unless the model's own tensor names equal the declared ones (order-insensitive)."""
     if sorted(declared) != sorted(actual):
         raise rt.error(
-            f"the model's {side} are {actual} but model.yaml declares {declared}; "
+            f"the model's {side} are {sorted(actual)} but model.yaml declares {sorted(declared)}; "
             f"make signature.{side} name exactly the model's {side} (re-run dlstack package without --{side[:-1]} "
             "to infer them)"
         )

@@ -27,7 +27,8 @@ def batch_key(inputs: Tensors) -> Key:
 
 
 def rows_of(inputs: Tensors) -> int:
-    return int(next(iter(inputs.values())).shape[0])
+    first = next(iter(inputs.values()))
+    return int(first.shape[0]) if first.ndim else 1
 
 
 class _Batch:
@@ -75,7 +76,7 @@ class Batcher:
 
     def submit(self, inputs: Tensors) -> Tensors:
         rows = rows_of(inputs)
-        if rows >= self.max_batch_size:
+        if rows >= self.max_batch_size or any(a.ndim == 0 for a in inputs.values()):  # scalars cannot stack
             self.cancel()
             return self._predict(inputs)
         key = batch_key(inputs)

@@ -87,15 +87,15 @@ class ServerConfig:
             raise UserError("DLSTACK_ARTIFACT_DIR is not set; start the server with `dlstack serve ARTIFACT_DIR`")
         return cls(
             artifact_dir=Path(artifact),
-            max_batch_size=_env_int(env, "DLSTACK_MAX_BATCH_SIZE", 1),
+            max_batch_size=env_int(env, "DLSTACK_MAX_BATCH_SIZE", 1),
             max_batch_time_ms=_env_float(env, "DLSTACK_MAX_BATCH_TIME_MS", 0),
-            max_body_bytes=_env_int(env, "DLSTACK_MAX_BODY_BYTES", 1024),
-            intra_op_threads=_env_int(env, "DLSTACK_INTRA_OP_THREADS", 1),
+            max_body_bytes=env_int(env, "DLSTACK_MAX_BODY_BYTES", 1024),
+            intra_op_threads=env_int(env, "DLSTACK_INTRA_OP_THREADS", 1),
             drain_seconds=_env_float(env, "DLSTACK_DRAIN_SECONDS", 0) or 0.0,
         )
 
 
-def _env_int(env: Mapping[str, str], key: str, minimum: int) -> int | None:
+def env_int(env: Mapping[str, str], key: str, minimum: int) -> int | None:
     value = _env_num(env, key, int, minimum)
     return None if value is None else int(value)
 

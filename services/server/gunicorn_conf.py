@@ -12,18 +12,44 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from services.server.config import cpu_limit, layout
+from services.errors import UserError
+from services.server.config import ServerConfig, cpu_limit, env_int, layout
 from services.server.logs import gunicorn_logconfig
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client in the workers
 
 
+def _settings_or_exit() -> ServerConfig:
+    """Bad DLSTACK_* values fail here, once and clearly, instead of crash-looping every worker."""
+    try:
+        for key in ("DLSTACK_WORKERS", "DLSTACK_HTTP_THREADS", "DLSTACK_TIMEOUT", "DLSTACK_GRACEFUL_TIMEOUT"):
+            env_int(os.environ, key, 1)
+        env_int(os.environ, "DLSTACK_KEEPALIVE", 0)
+        env_int(os.environ, "DLSTACK_MAX_REQUESTS", 0)
+        cpu_limit()
+        return ServerConfig.from_env()
+    except UserError as exc:
+        sys.stderr.write(f"dlstack serve: error: {exc.message}\n")
+        raise SystemExit(2) from None
+
+
+_CONFIG = _settings_or_exit()
+
+# Metrics are only correct across workers in multiprocess mode: without a dir (gunicorn started
+# by hand), make one, before anything imports prometheus_client, and remove it at exit.
+if not os.environ.get(MULTIPROC_ENV):
+    os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="dlstack-metrics-")
+    os.environ["DLSTACK_OWNS_METRICS_DIR"] = "1"
+
+
 def _int(key: str, default: int) -> int:
-    raw = os.environ.get(key)
-    return int(raw) if raw else default
+    value = env_int(os.environ, key, 0)
+    return default if value is None else value
 
 
 def _spec() -> Any:
@@ -39,9 +65,8 @@ _SPEC = _spec()
 
 
 def _max_batch_size() -> int:
-    raw = os.environ.get("DLSTACK_MAX_BATCH_SIZE")
-    if raw:
-        return int(raw)
+    if _CONFIG.max_batch_size:
+        return _CONFIG.max_batch_size
     return _SPEC.serving.max_batch_size if _SPEC else 1
 
 
@@ -89,6 +114,7 @@ worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # heartbeat 
 accesslog = None  # the app writes one ECS access line per request
 logconfig_dict = gunicorn_logconfig()
 proc_name = "dlstack-model-server"
+control_socket_disable = True  # gunicorn's control socket would be shared by every server of a user ($HOME)
 forwarded_allow_ips = "*"
 
 
