@@ -415,7 +415,7 @@ def package_model(
         if verify:
             from services.runtimes import create_runtime
 
-            create_runtime(spec, tmp, threads=1).load()
+            create_runtime(spec, tmp, threads=None).load()  # None: leave the caller's thread settings alone
         _swap_in(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

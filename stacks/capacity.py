@@ -168,7 +168,9 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         # The server's log, shown only when it fails to start; it lives as long as the server.
         self._log = tempfile.TemporaryFile()  # noqa: SIM115
-        env = {**os.environ, "DLSTACK_CPU_LIMIT": str(cpu)}
+        # A fresh metrics dir per server (serve makes one when unset): never share another server's.
+        env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+        env["DLSTACK_CPU_LIMIT"] = str(cpu)
         argv = [sys.executable, "-m", "stacks.cli", "serve", str(artifact_dir), "--host", "127.0.0.1"]
         self.proc = subprocess.Popen(
             [*argv, "--port", str(self.port)],

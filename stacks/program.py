@@ -259,6 +259,17 @@ def build(cfg: StackConfig, registry: ModelResolver, options: BuildOptions | Non
 
     baseline = ClusterBaseline("baseline", baseline_args(cfg), root)
     after_baseline = pulumi.ResourceOptions(providers=providers, depends_on=[baseline])
+    # Models wait for exactly what their pods need (namespace, priority classes, quota defaults):
+    # depending on the whole baseline component makes every model await its ~60 children.
+    for_models = pulumi.ResourceOptions(
+        providers=providers,
+        depends_on=[
+            baseline.namespaces["models"],
+            *baseline.priority_classes,
+            baseline.resource_quota,
+            baseline.limit_range,
+        ],
+    )
 
     observability = _observability(cfg, after_baseline)
 
@@ -276,7 +287,7 @@ def build(cfg: StackConfig, registry: ModelResolver, options: BuildOptions | Non
         ModelService(
             m.name,
             model_service_args(cfg, m, _deploy_ref(image, m.image.digest if m.image else None), mv.version, canary),
-            after_baseline,
+            for_models,
         )
         entry: dict[str, Any] = {
             "model": mv.name,

@@ -103,8 +103,15 @@ def evaluate(stack: str, config_file: Path | None = None, registry: Any = None) 
 
 def render(stack: str, out: Path, config_file: Path | None = None, registry: Any = None) -> RenderResult:
     """Render ``stack`` into ``out`` (replaced atomically: a failed render leaves the old one intact)."""
-    from stacks.mocks import DOCKER_IMAGE, HELM_RELEASE
+    from stacks.mocks import DOCKER_IMAGE, HELM_RELEASE, gc_paused
 
+    with gc_paused():
+        return _render(stack, out, config_file, registry, DOCKER_IMAGE, HELM_RELEASE)
+
+
+def _render(
+    stack: str, out: Path, config_file: Path | None, registry: Any, DOCKER_IMAGE: str, HELM_RELEASE: str
+) -> RenderResult:
     mocks, outputs = evaluate(stack, config_file, registry)
     out = out.absolute()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=_ensure_dir(out.parent)))

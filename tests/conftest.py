@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# `import tensorflow` imports keras with the TF backend; pin torch first so any test order works.
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 

@@ -59,8 +59,14 @@ class ServerHandle:
     def json_lines(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.stdout_lines()]
 
-    def access_lines(self) -> list[dict[str, Any]]:
-        return [d for d in self.json_lines() if d.get("event", {}).get("dataset") == "dlstack.access"]
+    def access_lines(self, at_least: int = 0, timeout: float = 10) -> list[dict[str, Any]]:
+        """Access log lines; waits (up to ``timeout``) for ``at_least`` of them, as our pipe reader may lag."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = [d for d in self.json_lines() if d.get("event", {}).get("dataset") == "dlstack.access"]
+            if len(lines) >= at_least or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.05)
 
     def load_events(self) -> list[dict[str, Any]]:
         """One line per worker model load (success or failure)."""

@@ -114,7 +114,7 @@ def test_batching_off_calls_the_model_directly(tmp_path: Path) -> None:
     from services.server.config import ServerConfig
 
     art = make_torch_mlp_artifact(tmp_path / "mlp", max_batch_size=8)
-    app = create_app(ServerConfig(artifact_dir=art, max_batch_size=1))  # the flag overrides model.yaml
+    app = create_app(ServerConfig(artifact_dir=art, max_batch_size=1), background_load=False)  # flag beats yaml
     server = app.extensions["dlstack"]
     assert not server.batcher.enabled
     seen = []

@@ -11,7 +11,7 @@ from infra.helm import CHARTS
 from services.errors import UserError
 from stacks.mocks import HELM_RELEASE, RecordingMocks, run_program
 
-pytestmark = pytest.mark.xdist_group("pulumi-mocks")
+pytestmark = pytest.mark.xdist_group("cluster-baseline")
 
 
 def _render(args: ClusterBaselineArgs) -> RecordingMocks:

@@ -185,3 +185,36 @@ def test_sigterm_under_load_drains_without_failed_requests(tmp_path: Path) -> No
     assert set(before) == {"200"}, f"requests sent before SIGTERM failed: {sorted(set(before))}"
     assert "200" in after, "the server stopped accepting before the drain period ended"
     assert not [o for o in after if o.startswith("5")]
+
+
+def test_live_answers_while_the_model_loads_and_infer_waits_for_it(tmp_path: Path, monkeypatch: Any) -> None:
+    """Liveness never depends on the model: a slow load must not make a liveness probe time out."""
+    import services.runtimes
+    from services.server.app import create_app
+    from services.server.config import ServerConfig
+
+    gate = threading.Event()
+    real_create = services.runtimes.create_runtime
+
+    def gated_create(*args: Any, **kw: Any) -> Any:
+        runtime = real_create(*args, **kw)
+        real_load = runtime.load
+
+        def slow_load() -> None:
+            assert gate.wait(30)  # the "big model" finishes loading when the test says so
+            real_load()
+
+        runtime.load = slow_load
+        return runtime
+
+    monkeypatch.setattr(services.runtimes, "create_runtime", gated_create)
+    art = make_torch_mlp_artifact(tmp_path / "mlp")
+    client = create_app(ServerConfig(artifact_dir=art)).test_client()
+    assert client.get("/v2/health/live").json == {"live": True}
+    r = client.get("/v2/health/ready")
+    assert r.status_code == 503 and r.json["error"] == "not ready: model is loading"
+    body = {"inputs": [{"name": "input", "shape": [1, 8], "datatype": "FP32", "data": [1] * 8}]}
+    threading.Timer(0.3, gate.set).start()
+    r = client.post("/v2/models/mlp/infer", json=body)  # arrives mid-load: waits instead of failing
+    assert r.status_code == 200 and r.json["outputs"][0]["shape"] == [1, 3]
+    assert client.get("/v2/health/ready").status_code == 200

@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -43,11 +44,17 @@ def podman_inspect(kind: str, ref: str) -> dict:
     return json.loads(out)[0]
 
 
-def stage_context(ctx: Path, artifact: Path) -> Path:
+def stage_context(ctx: Path, artifact: Path, services: Path = ROOT / "services") -> Path:
     """The build context contract: CONTEXT/services (the package) + CONTEXT/model (the artifact)."""
-    shutil.copytree(ROOT / "services", ctx / "services", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(services, ctx / "services", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     shutil.copytree(artifact, ctx / "model")
     return ctx
+
+
+class Built(NamedTuple):
+    tag: str
+    artifact: Path  # the model inside the image
+    services: Path  # the staged code it was built from
 
 
 def build(ctx: Path, tag: str) -> float:
@@ -72,17 +79,17 @@ def oci_ready() -> None:
 
 
 @pytest.fixture(scope="module")
-def image(oci_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+def image(oci_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
     art = make_torch_mlp_artifact(tmp_path_factory.mktemp("art") / "m", name="mlp", sizes=SIZES, version="1", seed=0)
     ctx = stage_context(tmp_path_factory.mktemp("ctx"), art)
     seconds = build(ctx, f"{TAG}:v1")
     print(f"\nimage {TAG}:v1 built in {seconds:.0f} s, size {int(oci('size', f'{TAG}:v1')) / 2**20:.0f} MiB")
-    yield f"{TAG}:v1", art
+    yield Built(f"{TAG}:v1", art, ctx / "services")
 
 
 @pytest.fixture(scope="module")
-def container(image: tuple[str, Path]) -> Iterator[tuple[str, int]]:
-    tag, _ = image
+def container(image: Built) -> Iterator[tuple[str, int]]:
+    tag = image.tag
     port = free_port()
     # --read-only: the image must run with a read-only root filesystem (podman mounts a tmpfs on /tmp).
     cid = oci("run", tag, "--read-only", "-e", f"DLSTACK_BIND=127.0.0.1:{port}", "-e", "DLSTACK_WORKERS=1").strip()
@@ -107,8 +114,8 @@ def container(image: tuple[str, Path]) -> Iterator[tuple[str, int]]:
         subprocess.run([str(OCI), "rm", "-f", cid], capture_output=True, check=False)
 
 
-def test_image_serves_correct_v2_predictions(image: tuple[str, Path], container: tuple[str, int]) -> None:
-    _, art = image
+def test_image_serves_correct_v2_predictions(image: Built, container: tuple[str, int]) -> None:
+    art = image.artifact
     _, port = container
     x = np.random.default_rng(3).random((4, SIZES[0]), dtype=np.float32)
     want = reference(art, x)
@@ -136,18 +143,19 @@ def test_container_runs_as_non_root_uid_10001(container: tuple[str, int]) -> Non
     assert {p.uids().effective for p in procs} == {10001}, [(p.pid, p.uids()) for p in procs]
 
 
-def test_image_config_healthcheck_and_user(image: tuple[str, Path]) -> None:
-    tag, _ = image
+def test_image_config_healthcheck_and_user(image: Built) -> None:
+    tag = image.tag
     cfg = podman_inspect("image", tag)["Config"]
     assert cfg["User"] == "10001:10001"
     assert cfg["Entrypoint"][:3] == ["gunicorn", "--config", "python:services.server.gunicorn_conf"]
     assert "/v2/health/ready" in " ".join(podman_inspect("image", tag)["Healthcheck"]["Test"])
 
 
-def test_new_model_version_changes_only_the_last_layer(image: tuple[str, Path], tmp_path: Path) -> None:
-    tag, _ = image
+def test_new_model_version_changes_only_the_last_layer(image: Built, tmp_path: Path) -> None:
+    tag = image.tag
     art2 = make_torch_mlp_artifact(tmp_path / "m2", name="mlp", sizes=SIZES, version="2", seed=1)
-    ctx = stage_context(tmp_path / "ctx", art2)
+    # Same code as the v1 build (the tree may change meanwhile): only the model differs.
+    ctx = stage_context(tmp_path / "ctx", art2, services=image.services)
     seconds = build(ctx, f"{TAG}:v2")
     print(f"\nrebuild for a new model version: {seconds:.0f} s")
     v1 = podman_inspect("image", tag)["RootFS"]["Layers"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,10 +38,13 @@ def field(doc: dict[str, Any], dotted: str) -> Any:
 
 
 def access_for(srv: ServerHandle, rid: str) -> dict[str, Any]:
-    for line in srv.stdout_lines():
-        doc = json.loads(line)
-        if doc.get("event", {}).get("dataset") == "dlstack.access" and field(doc, "http.request.id") == rid:
-            return doc
+    deadline = time.monotonic() + 10  # the line is written before the response, but our pipe reader may lag
+    while time.monotonic() < deadline:
+        for line in srv.stdout_lines():
+            doc = json.loads(line)
+            if doc.get("event", {}).get("dataset") == "dlstack.access" and field(doc, "http.request.id") == rid:
+                return doc
+        time.sleep(0.05)
     raise AssertionError(f"no access line for request id {rid}")
 
 

@@ -12,7 +12,7 @@ from services.errors import UserError
 from stacks.mocks import DOCKER_IMAGE, run_program
 from tests.conftest import ROOT, make_torch_mlp_artifact
 
-pytestmark = pytest.mark.xdist_group("pulumi-mocks")
+pytestmark = pytest.mark.xdist_group("model-image")
 
 SHA = "a" * 64
 

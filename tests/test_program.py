@@ -15,7 +15,7 @@ from stacks.mocks import DOCKER_IMAGE, RANDOM_PASSWORD, RecordingMocks, run_prog
 from stacks.program import BuildOptions, build, model_quota
 from tests.conftest import ROOT, make_torch_mlp_artifact
 
-pytestmark = pytest.mark.xdist_group("pulumi-mocks")
+pytestmark = pytest.mark.xdist_group("program")
 
 
 @pytest.fixture(scope="module")

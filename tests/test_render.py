@@ -17,7 +17,7 @@ from services.errors import UserError
 from stacks.render import diff_renders, iter_files, load_render, render, render_git_ref, to_markdown
 from tests.conftest import ROOT, make_torch_mlp_artifact
 
-pytestmark = pytest.mark.xdist_group("pulumi-mocks")
+pytestmark = pytest.mark.xdist_group("stack-render")
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +62,11 @@ def test_layout_index_and_outputs(renders: dict[str, Path]) -> None:
     d = renders["dev"]
     index = json.loads((d / "index.json").read_text())
     listed = sorted(e["file"] for e in index["resources"] if "file" in e)
-    on_disk = sorted(p.relative_to(d).as_posix() for p in iter_files(d) if p.parts[-2:] != ("", "index.json"))
-    on_disk = [f for f in on_disk if f != "index.json" and not f.startswith("rules/")]
+    on_disk = sorted(
+        rel
+        for rel in (p.relative_to(d).as_posix() for p in iter_files(d))
+        if rel != "index.json" and not rel.startswith("rules/")
+    )
     assert listed == on_disk  # every file comes from a recorded resource, every k8s object has a file
     assert index["files"] == len(on_disk) + len(list((d / "rules").rglob("*.yaml")))
     out = index["outputs"]

@@ -8,9 +8,10 @@ the log and in the 503 body of ``/v2/health/ready``.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 import traceback
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -38,6 +39,7 @@ PLATFORMS = {
     "tensorflow": "tensorflow_savedmodel",
     "keras": "keras",
 }
+LOAD_WAIT_S = 60.0  # s an inference request waits for a model that is still loading, then 503
 _BODY_TYPES = ("", "application/json", "application/octet-stream")
 
 try:
@@ -56,6 +58,7 @@ class ModelServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.reason: str | None = "model is loading"
+        self.loaded = threading.Event()  # set when loading ended, well or not
         self.runtime: Any = None
         try:
             spec: ModelSpec | None = read_spec(config.artifact_dir)
@@ -86,6 +89,12 @@ class ModelServer:
         return self.reason is None and not lifecycle.draining()
 
     def load(self) -> None:
+        try:
+            self._load()
+        finally:
+            self.loaded.set()
+
+    def _load(self) -> None:
         if self.spec is None:
             logs.event(f"model not ready: {self.reason}", level=logging.ERROR, event__outcome="failure")
             return
@@ -152,6 +161,8 @@ class ModelServer:
             raise NotFound(f"model {name!r} has no version {version!r}; this server serves version {self.version!r}")
 
     def require_ready(self) -> Signature:
+        if not self.loaded.is_set():
+            self.loaded.wait(LOAD_WAIT_S)
         if self.reason is not None or self.signature is None:
             raise NotReady(f"model {self.name!r} is not ready: {self.reason}")
         return self.signature
@@ -300,7 +311,7 @@ class AccessLog:
         t0 = time.perf_counter_ns()
         rid = environ.get("HTTP_X_REQUEST_ID")
         if not rid or len(rid) > 200:
-            rid = uuid.uuid4().hex
+            rid = os.urandom(16).hex()  # a uuid4().hex without building a UUID
         environ["dlstack.request_id"] = rid
         m = self.server.metrics
         m.inflight.inc()
@@ -352,12 +363,20 @@ class AccessLog:
         return body
 
 
-def create_app(config: ServerConfig | None = None) -> Flask:
-    """App factory; gunicorn calls it in each worker (``services.server.app:create_app()``)."""
+def create_app(config: ServerConfig | None = None, *, background_load: bool = True) -> Flask:
+    """App factory; gunicorn calls it in each worker (``services.server.app:create_app()``).
+
+    The model loads in a background thread so ``/v2/health/live`` answers at once (a liveness
+    probe must not kill a pod that is loading a big model); readiness is 503 until it is loaded,
+    and an inference request that arrives meanwhile waits for the load (up to ``LOAD_WAIT_S``).
+    """
     logs.setup()
     config = config or ServerConfig.from_env()
     server = ModelServer(config)
-    server.load()
+    if background_load:
+        threading.Thread(target=server.load, name="dlstack-model-load", daemon=True).start()
+    else:
+        server.load()
     app = Flask("dlstack", static_folder=None)
     app.extensions["dlstack"] = server
     views = Views(server)

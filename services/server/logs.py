@@ -6,6 +6,8 @@ Gunicorn's own logger goes through the same formatter, so every stdout line is J
 from __future__ import annotations
 
 import logging
+import os
+import select
 import sys
 from typing import Any
 
@@ -43,6 +45,41 @@ class Formatter(ecs_logging.StdlibFormatter):
         }
 
 
+class LineHandler(logging.Handler):
+    """One ``os.write`` per record on stdout, without the per-record handler lock.
+
+    A write of at most PIPE_BUF bytes to a pipe is atomic, so lines from many threads and
+    worker processes never interleave; only longer lines take the lock. Under load the
+    lock and the flush of a StreamHandler cost a fifth of a worker's time.
+    """
+
+    def __init__(self, fd: int = 1) -> None:
+        super().__init__()
+        self.fd = fd
+
+    def handle(self, record: logging.LogRecord) -> bool:  # type: ignore[override]
+        if self.filter(record):
+            self.emit(record)
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = (self.format(record) + "\n").encode()
+            if len(data) <= select.PIPE_BUF:
+                _write_all(self.fd, data)
+            else:
+                with self.lock:  # type: ignore[union-attr]
+                    _write_all(self.fd, data)
+        except Exception:
+            self.handleError(record)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def formatter() -> logging.Formatter:
     return Formatter(extra={"service.name": SERVICE_NAME}, exclude_fields=_EXCLUDE)
 
@@ -52,9 +89,14 @@ def setup() -> None:
     root = logging.getLogger("dlstack")
     if any(getattr(h, "_dlstack", False) for h in root.handlers):
         return
-    handler = logging.StreamHandler(sys.stdout)
+    sys.stdout.flush()  # anything print()ed before must come first
+    handler: logging.Handler
+    try:
+        handler = LineHandler(sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # stdout replaced by an in-memory stream (tests, notebooks)
+        handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(formatter())
-    handler._dlstack = True  # type: ignore[attr-defined]
+    handler._dlstack = True  # type: ignore[union-attr,attr-defined]
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     root.propagate = False
