@@ -26,7 +26,8 @@ from services.errors import UserError
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "dlstack"  # the Pulumi config namespace: keys are "dlstack:<field>"
 # Keys that only ever hold secrets: set them with `pulumi config set --secret`, never in plain text.
-SECRET_KEYS = ("grafana_admin_password", "elasticsearch_password")
+# (Elasticsearch credentials are not config at all: ECK generates the elastic user's Secret.)
+SECRET_KEYS = ("grafana_admin_password",)
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _QUANTITY = re.compile(r"^(?P<num>\d+(\.\d+)?|\.\d+)(?P<suffix>m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")

@@ -176,10 +176,16 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
         rec = Recorded(request.type, request.name, bool(request.custom), request.parent, urn, wire)
         state = struct_pb2.Struct()
         if request.type.startswith(K8S_PREFIX) and request.type != HELM_RELEASE:
-            for key in ("apiVersion", "kind", "metadata"):
+            for key in ("apiVersion", "kind"):
                 if key in wire.fields:
                     state.fields[key].CopyFrom(wire.fields[key])
-            meta = state.fields["metadata"].struct_value  # created when absent
+            # Only the identity of the object: programs read names back, and every extra field
+            # (labels, annotations) is turned into typed outputs by the SDK for nothing.
+            meta = state.fields["metadata"].struct_value
+            sent = wire.fields["metadata"].struct_value.fields if "metadata" in wire.fields else {}
+            for key in ("name", "namespace"):
+                if key in sent:
+                    meta.fields[key].CopyFrom(sent[key])
             if "name" not in meta.fields:  # no auto-naming under mocks: keep references resolvable
                 meta.fields["name"].string_value = request.name
         elif request.custom:

@@ -123,7 +123,11 @@ def baseline_args(cfg: StackConfig) -> ClusterBaselineArgs:
 
 
 def model_service_args(
-    cfg: StackConfig, m: ModelConfig, image: str, version: str, canary: tuple[str, str] | None
+    cfg: StackConfig,
+    m: ModelConfig,
+    image: pulumi.Input[str],
+    version: str,
+    canary: tuple[pulumi.Input[str], str] | None,
 ) -> ModelServiceArgs:
     r = m.resources
     return ModelServiceArgs(
@@ -271,22 +275,23 @@ def build(cfg: StackConfig, registry: ModelResolver, options: BuildOptions | Non
         ],
     )
 
-    observability = _observability(cfg, after_baseline)
+    _observability(cfg, after_baseline)
 
     outputs: dict[str, Any] = {"environment": cfg.environment, "models": {}}
     for m in cfg.models:
         mv = models[m.model]
         image = _image(cfg, f"{m.name}-image", mv, m.image.digest if m.image else None, opts)
-        canary: tuple[str, str] | None = None
+        canary: tuple[pulumi.Input[str], str] | None = None
         canary_image: ModelImage | None = None
         if m.canary is not None:
             cmv = models[m.canary.model]
             pinned = m.image.canary_digest if m.image else None
             canary_image = _image(cfg, f"{m.name}-canary-image", cmv, pinned, opts)
-            canary = (_deploy_ref(canary_image, pinned), cmv.version)
+            canary = (canary_image.ref, cmv.version)
         ModelService(
             m.name,
-            model_service_args(cfg, m, _deploy_ref(image, m.image.digest if m.image else None), mv.version, canary),
+            # Deployments run the digest-pinned ref: exactly the image that was built (or promoted).
+            model_service_args(cfg, m, image.ref, mv.version, canary),
             for_models,
         )
         entry: dict[str, Any] = {
@@ -311,19 +316,7 @@ def build(cfg: StackConfig, registry: ModelResolver, options: BuildOptions | Non
         "monitoring": ns.monitoring,
         "ingress": ns.ingress,
     }
-    _ = observability
     return outputs
-
-
-def _deploy_ref(image: ModelImage, digest: str | None) -> str:
-    """The image reference the Deployment runs: the promoted digest, else the content-addressed tag.
-
-    ``image.ref`` (digest-pinned) is only known after the build; ModelService takes a plain string,
-    so a freshly built image is deployed by its tag, which is a hash of everything in the image.
-    """
-    if digest is not None:
-        return f"{image.repository}@{digest}"
-    return f"{image.repository}:{image.tag}"
 
 
 def _observability(cfg: StackConfig, opts: pulumi.ResourceOptions) -> dict[str, Any]:

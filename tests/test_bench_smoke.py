@@ -28,23 +28,25 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[harness.
     env = {"PYTHONPATH": str(harness.ROOT), "NAIVE_MODEL_DIR": str(art)}
     ports = free_port(), free_port()
     with ThreadPoolExecutor(2) as pool:  # both start at once: torch import dominates
-        dl_f = pool.submit(harness.start, "dlstack", harness.dlstack_cmd(art, ports[0], 1), ports[0], tmp / "d.log", env)
-        nv_f = pool.submit(harness.start, "naive", harness.naive_cmd(ports[1], 1), ports[1], tmp / "n.log", env)
-    servers = [f.result() for f in (dl_f, nv_f) if f.exception() is None]
+        futures = [
+            pool.submit(harness.start, "dlstack", harness.dlstack_cmd(art, ports[0], 1), ports[0], tmp / "d.log", env),
+            pool.submit(harness.start, "naive", harness.naive_cmd(ports[1], 1), ports[1], tmp / "n.log", env),
+        ]
+    started = [f.result() for f in futures if f.exception() is None]
     try:
-        for f in (dl_f, nv_f):
-            if f.exception() is not None:
-                raise f.exception()  # type: ignore[misc]
-        yield servers[0], servers[1], art
+        failed = [exc for f in futures if (exc := f.exception()) is not None]
+        if failed:
+            raise failed[0]
+        yield started[0], started[1], art
     finally:
-        for s in servers:
+        for s in started:
             s.stop()
 
 
 def infer_total(server: harness.Server) -> float:
     """Successful infer requests counted by the server itself (dlstack_requests_total)."""
     text = requests.get(f"{server.url}/metrics", timeout=10).text
-    pat = r'^dlstack_requests_total\{[^}]*\}\s+([\d.e+]+)$'
+    pat = r"^dlstack_requests_total\{[^}]*\}\s+([\d.e+]+)$"
     lines = [ln for ln in text.splitlines() if 'route="infer"' in ln and 'code="200"' in ln]
     return sum(float(m.group(1)) for ln in lines if (m := re.match(pat, ln)))
 

@@ -73,7 +73,8 @@ def test_model_services_run_the_built_image_with_config_values(dev: tuple[Record
     deploy = mocks.k8s_object("Deployment", "mnist-mlp", "models")
     pod = deploy["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert container["image"] == mnist_build.inputs["tags"][0]  # content-addressed tag of this build
+    # the digest of exactly this build, never a tag
+    assert container["image"] == f"localhost:5001/dlstack/mnist-mlp@{mnist_build.answer['digest']}"
     assert container["resources"]["requests"] == {"cpu": "500m", "memory": "512Mi"}
     assert container["resources"]["limits"] == {"cpu": "1000m", "memory": "512Mi"}
     assert pod["priorityClassName"] == "dlstack-model-serving"
@@ -133,7 +134,8 @@ def test_canary_and_gpu_wiring(registry: Any, tmp_path: Path) -> None:
     canary = mocks.k8s_object("Deployment", "mnist-mlp-canary", "models")
     (container,) = canary["spec"]["template"]["spec"]["containers"]
     v2 = registry.resolve("mnist-mlp:2")
-    assert container["image"].startswith("localhost:5001/dlstack/mnist-mlp:v2-")
+    (v2_build,) = [r for r in mocks.of_type(DOCKER_IMAGE) if r.inputs["tags"][0].split(":")[-1].startswith("v2-")]
+    assert container["image"] == f"localhost:5001/dlstack/mnist-mlp@{v2_build.answer['digest']}"
     assert out["models"]["mnist-mlp"]["canary"]["version"] == "2"
     assert out["models"]["mnist-mlp"]["canary"]["weight"] == 25
     assert out["models"]["mnist-mlp"]["canary"]["image"].startswith("localhost:5001/dlstack/mnist-mlp@sha256:")

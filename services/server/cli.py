@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -27,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--threads", type=_positive, help="HTTP threads per worker (default 4, or max batch size)")
     p.add_argument("--max-batch-size", type=_positive, help="rows per forward pass; 1 = batching off")
     p.add_argument("--max-batch-time-ms", type=float, help="ms the first request of a batch waits for more")
-    p.add_argument("--max-body-bytes", type=_positive, help="request body limit (default 16 MiB)")
+    p.add_argument("--max-body-bytes", type=_body_bytes, help="request body limit, >= 1024 (default 16 MiB)")
     p.set_defaults(func=handler)
 
 
@@ -38,6 +39,13 @@ def _positive(raw: str) -> int:
         raise argparse.ArgumentTypeError(f"{raw!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{raw!r} must be >= 1")
+    return value
+
+
+def _body_bytes(raw: str) -> int:
+    value = _positive(raw)
+    if value < 1024:
+        raise argparse.ArgumentTypeError(f"{raw!r} is too small; the limit must be at least 1024 bytes")
     return value
 
 
@@ -64,6 +72,7 @@ def server_env(args: argparse.Namespace, base: dict[str, str] | None = None) -> 
 
 def handler(args: argparse.Namespace) -> int:
     from services.artifact import load_spec
+    from services.server.config import ServerConfig
 
     if args.max_batch_time_ms is not None and args.max_batch_time_ms < 0:
         raise UserError(f"--max-batch-time-ms must be >= 0, got {args.max_batch_time_ms}")
@@ -71,6 +80,12 @@ def handler(args: argparse.Namespace) -> int:
         raise UserError(f"{args.artifact_dir}: not a directory; pass an artifact made by `dlstack package`")
     load_spec(args.artifact_dir)  # fail fast, before gunicorn, on a missing or corrupted file
     env = server_env(args)
+    try:
+        ServerConfig.from_env(env)  # what the workers will read: bad values fail here, not in every worker
+    except UserError:
+        if env.get("DLSTACK_OWNS_METRICS_DIR") == "1":
+            shutil.rmtree(env["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+        raise
     argv = [sys.executable, "-m", "gunicorn", "-c", CONF, APP]
     sys.stdout.flush()
     sys.stderr.flush()

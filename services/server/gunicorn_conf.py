@@ -19,7 +19,6 @@ from typing import Any
 
 from services.errors import UserError
 from services.server.config import ServerConfig, cpu_limit, env_int, layout
-from services.server.logs import gunicorn_logconfig
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client in the workers
 
@@ -112,7 +111,7 @@ max_requests = _int("DLSTACK_MAX_REQUESTS", 100_000)  # recycle workers to bound
 max_requests_jitter = max_requests // 10  # spread the recycling so workers never restart together
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # heartbeat off overlayfs disk
 accesslog = None  # the app writes one ECS access line per request
-logconfig_dict = gunicorn_logconfig()
+logger_class = "services.server.logs.GunicornLogger"  # ECS JSON on stdout; no gunicorn access log
 proc_name = "dlstack-model-server"
 control_socket_disable = True  # gunicorn's control socket would be shared by every server of a user ($HOME)
 forwarded_allow_ips = "*"
