@@ -7,7 +7,7 @@ ENV ?= dev
 PORT ?= 8080
 EXAMPLE := .example/mnist-mlp
 
-.PHONY: venv serve example test test-all lint image-test bench bench-render render render-diff up preview destroy cluster clean
+.PHONY: venv serve example test lint image-test bench bench-render render render-diff models-verify datasets-verify up preview destroy cluster clean
 
 # Set-up: a virtualenv with every pinned requirement and dlstack itself (editable).
 $(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml
@@ -19,13 +19,20 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 
 venv: $(BIN)/.installed
 
-# A small example model (an MLP on 784 inputs), built at set-up time, never committed.
+# The example models (an MLP on 784 inputs, a small CNN), built at set-up time, never committed,
+# and registered in the local model registry (.registry) as mnist-mlp:1 and tiny-cnn:1, which
+# Pulumi.dev.yaml / Pulumi.prod.yaml refer to. Registering identical content is a no-op.
 $(EXAMPLE)/model.yaml: $(BIN)/.installed
-	$(BIN)/python -m services.example --out $(EXAMPLE)
+	$(BIN)/python -m services.example --out $(EXAMPLE) --model mnist-mlp
+	$(BIN)/dlstack models register $(EXAMPLE) --name mnist-mlp --framework pytorch
 
-example: $(EXAMPLE)/model.yaml
+.example/tiny-cnn/model.yaml: $(BIN)/.installed
+	$(BIN)/python -m services.example --out .example/tiny-cnn --model tiny-cnn
+	$(BIN)/dlstack models register .example/tiny-cnn --name tiny-cnn --framework pytorch
 
-serve: example
+example: $(EXAMPLE)/model.yaml .example/tiny-cnn/model.yaml
+
+serve: $(EXAMPLE)/model.yaml
 	$(BIN)/dlstack serve $(EXAMPLE) --port $(PORT)
 
 # The default suite: everything but the OCI image build (see image-test).
@@ -47,11 +54,17 @@ bench: example
 bench-render: venv
 	$(BIN)/python -m tests.bench.render_bench
 
-render: venv
+render: example
 	$(BIN)/dlstack render --stack $(ENV) --out build/render/$(ENV)
 
-render-diff: venv
+# What prod changes relative to dev, as the markdown a reviewer reads.
+render-diff: example
+	$(BIN)/dlstack render --stack dev --out build/render/dev
+	$(BIN)/dlstack render --stack prod --out build/render/prod
 	$(BIN)/dlstack render-diff build/render/dev build/render/prod
+
+models-verify datasets-verify: venv
+	$(BIN)/dlstack $(@:-verify=) verify
 
 # The real path: needs the pulumi CLI and a reachable cluster; fails fast otherwise.
 up preview destroy: venv

@@ -31,9 +31,9 @@ CHARTS: dict[str, Chart] = {
     "metrics-server": Chart("metrics-server", "https://kubernetes-sigs.github.io/metrics-server/", "3.13.0"),
     "nvidia-device-plugin": Chart("nvidia-device-plugin", "https://nvidia.github.io/k8s-device-plugin", "0.18.2"),
     # Owned by the workloads components (infra/logging.py, infra/monitoring.py); pinned here too.
-    "eck-operator": Chart("eck-operator", "https://helm.elastic.co", "3.2.0"),
+    "eck-operator": Chart("eck-operator", "https://helm.elastic.co", "3.5.0"),
     "kube-prometheus-stack": Chart(
-        "kube-prometheus-stack", "https://prometheus-community.github.io/helm-charts", "79.7.1"
+        "kube-prometheus-stack", "https://prometheus-community.github.io/helm-charts", "88.0.0"
     ),
 }
 

@@ -179,12 +179,7 @@ def test_openapi_documents_exactly_the_flask_rules(mlp: tuple[ServerHandle, Path
             assert {p["name"] for p in op["parameters"]} == set(re.findall(r"{(\w+)}", path))
 
 
-BYTES_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="services/runtimes/onnx.py hands onnxruntime object arrays of bytes, which it stringifies to \"b'...'\"; "
-    "the runtime must decode BYTES inputs to str (and the server already encodes str or bytes outputs)",
-)
-TEXT = pack_bytes([b"\x00\xffraw", "é".encode()])  # BYTES: 4-byte little-endian length + raw bytes
+TEXT = pack_bytes([b"\x00raw", "é".encode()])  # BYTES: 4-byte little-endian length + raw bytes
 
 
 @pytest.fixture(scope="module")
@@ -247,15 +242,33 @@ def test_bool_fp16_int64_binary(binary_types: dict[str, bytes]) -> None:
     assert np.frombuffer(binary_types["count_out"], "<i8").tolist() == [8]
 
 
-@BYTES_XFAIL
 def test_bytes_json_through_a_real_model(json_types: dict[str, Any]) -> None:
     assert json_types["text_out"]["datatype"] == "BYTES" and json_types["text_out"]["shape"] == [2, 2]
     assert json_types["text_out"]["data"] == ["héllo", "", "a", "b c"]
 
 
-@BYTES_XFAIL
 def test_bytes_binary_through_a_real_model(binary_types: dict[str, bytes]) -> None:
     assert binary_types["text_out"] == TEXT
+
+
+def test_non_utf8_bytes_into_an_onnx_string_tensor_is_a_400(types_srv: ServerHandle) -> None:
+    chunks = [
+        pack_bytes([b"\xff\xfe", b"ok"]),
+        np.array([1, 0, 1], dtype=np.bool_).tobytes(),
+        np.array([0.25, -1, 3, 100], dtype="<f2").tobytes(),
+        np.array([7], dtype="<i8").tobytes(),
+    ]
+    layout = [("text", [1, 2], "BYTES"), ("flag", [1, 3], "BOOL"), ("half", [1, 4], "FP16"), ("count", [1, 1], "INT64")]
+    header = {
+        "inputs": [
+            {"name": n, "shape": s, "datatype": d, "parameters": {"binary_data_size": len(c)}}
+            for (n, s, d), c in zip(layout, chunks, strict=True)
+        ]
+    }
+    body, headers = binary_request(header, chunks)
+    r = requests.post(f"{types_srv.url}/v2/models/types/infer", data=body, headers=headers)
+    assert r.status_code == 400, r.text
+    assert "not valid UTF-8" in r.json()["error"] and '"text"' in r.json()["error"]
 
 
 def test_signature_codec_round_trips_every_datatype() -> None:

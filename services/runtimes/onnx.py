@@ -6,6 +6,7 @@ import numpy as np
 import onnxruntime as ort
 
 from services.artifact import Datatype
+from services.errors import UserError
 from services.runtimes.base import Runtime, check_names, check_tensor
 
 # ONNX Runtime type strings -> V2 datatypes (the ones a model signature can use)
@@ -48,7 +49,33 @@ class OnnxRuntime(Runtime):
             node = ins.get(t.name) or outs[t.name]
             check_tensor(self, t, ORT_TYPES.get(node.type), node.shape)
         self._out_names = [t.name for t in sig.outputs]
+        self._text_inputs = [t.name for t in sig.inputs if t.datatype is Datatype.BYTES]
 
     def _predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = self.session.run(self._out_names, {t.name: inputs[t.name] for t in self.spec.signature.inputs})
+        feed = {t.name: inputs[t.name] for t in self.spec.signature.inputs}
+        for name in self._text_inputs:
+            feed[name] = _as_text(name, feed[name])
+        results = self.session.run(self._out_names, feed)
         return {name: np.asarray(r) for name, r in zip(self._out_names, results, strict=True)}
+
+
+def _as_text(name: str, arr: np.ndarray) -> np.ndarray:
+    """ONNX string tensors are UTF-8 text; onnxruntime would stringify raw ``bytes`` as "b'...'"."""
+    if arr.dtype.kind == "U":
+        return arr
+
+    def decode(v: object) -> str:
+        if isinstance(v, bytes | bytearray):
+            try:
+                return bytes(v).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UserError(
+                    f'input "{name}": ONNX string tensors hold UTF-8 text, got bytes that are not valid UTF-8 '
+                    f"at offset {exc.start}; send text, or use a UINT8 input for raw bytes"
+                ) from exc
+        return str(v)
+
+    out = np.empty(arr.shape, dtype=object)
+    for idx, v in np.ndenumerate(arr):
+        out[idx] = decode(v)
+    return out
