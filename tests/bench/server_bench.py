@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import socket
@@ -21,8 +22,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -119,61 +122,87 @@ def serving(name: str, cmd: Callable[[int], list[str]], workdir: Path, env: dict
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     duration = 3.0 if args.quick else args.duration
+    round_s = max(1.0, duration / args.rounds)
     conns = args.connections
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dlstack-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     log = print if not args.json_only else (lambda *a, **k: None)
-    points: list[Point] = []
+    rounds: dict[tuple[str, str, str, int], list[wrk.WrkResult]] = {}
     memory: dict[str, int] = {}
     cold: dict[str, float] = {}
     inproc: dict[str, float] = {}
+    expected: dict[str, np.ndarray] = {}
+    base_env = {"PYTHONPATH": str(harness.ROOT), "OMP_NUM_THREADS": "1"}
 
     artifacts = {m: build_model(m, workdir / "models" / m) for m in args.models}
-    for model, art in artifacts.items():
-        batches = (1, 32) if model == "mnist-mlp" else (1,)
-        for b in batches:
-            inproc[f"{model} batch {b}"] = in_process(art, b, min(duration, 3.0))
-            log(f"in-process {model} batch {b}: {inproc[f'{model} batch {b}']:,.0f} samples/s", file=sys.stderr)
+    batched = {
+        m: with_batching(a, workdir / "models" / f"{m}-batch{args.max_batch_size}", args.max_batch_size)
+        for m, a in artifacts.items()
+    }
+    # torch runs in a child process: mapped into this process, it would share (and so shrink) the servers' PSS.
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for model, art in artifacts.items():
+            expected[model] = pool.submit(_reference, art, _sample(art)[2]).result()
+            for b in (1, 32) if model == "mnist-mlp" else (1,):
+                inproc[f"{model} batch {b}"] = pool.submit(in_process, art, b, min(duration, 3.0)).result()
+                log(f"in-process {model} batch {b}: {inproc[f'{model} batch {b}']:,.0f} samples/s", file=sys.stderr)
 
-    def drive(server: harness.Server, model: str, encoding: str, c: int, art: Path) -> None:
+    def drive(server: harness.Server, model: str, encoding: str, c: int, art: Path, seconds: float) -> wrk.WrkResult:
         in_name, _, x = _sample(art)
         body, headers = harness.json_body(in_name, x) if encoding == "json" else harness.binary_body(in_name, x)
-        res, _ = wrk.run(server.infer_url(model), body, headers, connections=c, duration_s=duration)
-        points.append(Point(server.name, model, encoding, c, res.rps, res.p50_ms, res.p90_ms, res.p99_ms,
-                            res.requests, res.errors))  # fmt: skip
-        log(f"{server.name:16} {model:10} {encoding:6} c={c:<3} {res.rps:9,.0f} req/s  p50 {res.p50_ms:7.2f} ms  "
-            f"p99 {res.p99_ms:7.2f} ms  errors {res.errors}", file=sys.stderr)  # fmt: skip
+        return wrk.run(server.infer_url(model), body, headers, connections=c, duration_s=seconds)[0]
 
-    base_env = {"PYTHONPATH": str(harness.ROOT), "OMP_NUM_THREADS": "1"}
-    for model, art in artifacts.items():
-        on = with_batching(art, workdir / "models" / f"{model}-batch{args.max_batch_size}", args.max_batch_size)
-        _, _, x = _sample(art)
-        expected = _reference(art, x)
-        naive_env = {**base_env, "NAIVE_MODEL_DIR": str(art)}
-        with (
-            serving("naive", harness.naive_cmd, workdir, naive_env) as naive,
-            serving("dlstack", lambda p, a=on: harness.dlstack_cmd(a, p), workdir, base_env) as dl,  # type: ignore[misc]
-        ):
-            cold[f"naive {model}"], cold[f"dlstack {model}"] = naive.cold_start_s, dl.cold_start_s
-            check_correct(naive, model, art, expected)
-            check_correct(dl, model, on, expected)
-            for c in conns:
-                # Alternate servers point by point so background load drifts hit both alike.
-                drive(naive, model, "json", c, art)
-                drive(dl, model, "json", c, on)
-                if model == "mnist-mlp":
-                    drive(dl, model, "binary", c, on)
-            memory[f"naive {model}"], memory[f"dlstack {model}"] = naive.pss_bytes(), dl.pss_bytes()
+    def servers(model: str, art: Path) -> list[tuple[str, Callable[[int], list[str]], dict[str, str], Path]]:
+        out: list[tuple[str, Callable[[int], list[str]], dict[str, str], Path]] = [
+            ("naive", harness.naive_cmd, {**base_env, "NAIVE_MODEL_DIR": str(art)}, art),
+            ("dlstack", partial(harness.dlstack_cmd, batched[model]), base_env, batched[model]),
+        ]
         if model == "mnist-mlp":
             off = with_batching(art, workdir / "models" / f"{model}-batch1", 1)
-            with serving("dlstack-nobatch", lambda p, a=off: harness.dlstack_cmd(a, p), workdir, base_env) as dl:  # type: ignore[misc]
-                check_correct(dl, model, off, expected)
-                drive(dl, model, "json", max(conns), off)
+            out.append(("dlstack-nobatch", partial(harness.dlstack_cmd, off), base_env, off))
+        return out
 
+    # Phase 1, each server alone: cold start, then PSS after a short warm-up load (nothing else maps torch).
+    for model, art in artifacts.items():
+        for name, cmd, env, a in servers(model, art)[:2]:
+            with serving(name, cmd, workdir, env) as srv:
+                cold[f"{name} {model}"] = srv.cold_start_s
+                check_correct(srv, model, a, expected[model])
+                drive(srv, model, "json", max(conns), a, 2.0)
+                memory[f"{name} {model}"] = srv.pss_bytes()
+            log(f"{name:16} {model:10} cold start {cold[f'{name} {model}']:.2f} s, "
+                f"PSS {memory[f'{name} {model}'] / 2**20:.0f} MiB", file=sys.stderr)  # fmt: skip
+
+    # Phase 2, all servers of a model up at once, driven in alternating short rounds, so background load
+    # drifts (the machine is shared) hit every server alike.
+    for model, art in artifacts.items():
+        with ExitStack() as stack:
+            runs = []
+            for name, cmd, env, a in servers(model, art):
+                srv = stack.enter_context(serving(name, cmd, workdir, env))
+                check_correct(srv, model, a, expected[model])
+                drive(srv, model, "json", max(conns), a, 1.0)  # warm-up, not recorded
+                encodings = ("json", "binary") if name == "dlstack" and model == "mnist-mlp" else ("json",)
+                runs += [(srv, enc, a) for enc in encodings]
+            for c in conns:
+                for _ in range(args.rounds):
+                    for srv, enc, a in runs:
+                        if srv.name == "dlstack-nobatch" and c != max(conns):
+                            continue
+                        res = drive(srv, model, enc, c, a, round_s)
+                        rounds.setdefault((srv.name, model, enc, c), []).append(res)
+                for srv, enc, _ in runs:
+                    if (key := (srv.name, model, enc, c)) in rounds:
+                        pt = aggregate(key, rounds[key])
+                        log(f"{pt.server:16} {model:10} {enc:6} c={c:<3} {pt.rps:9,.0f} req/s p50 {pt.p50_ms:.2f} ms "
+                            f"p99 {pt.p99_ms:.2f} ms errors {pt.errors}", file=sys.stderr)  # fmt: skip
+
+    points = [aggregate(k, v) for k, v in rounds.items()]
     result: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "settings": {"duration_s": duration, "connections": conns, "wrk_threads": 2, "workers": 2,
-                     "max_batch_size": args.max_batch_size, "note": "wrk runs on the same CPUs as the servers"},
+        "settings": {"duration_s": duration, "rounds": args.rounds, "connections": conns, "wrk_threads": 2,
+                     "workers": 2, "max_batch_size": args.max_batch_size,
+                     "note": "wrk runs on the same CPUs as the servers"},
         "points": [asdict(p) for p in points],
         "memory_pss_bytes": memory,
         "cold_start_s": cold,
@@ -181,6 +210,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }  # fmt: skip
     result["targets"] = [asdict(t) for t in targets(points, memory, cold, max(conns), args.max_batch_size)]
     return result
+
+
+def aggregate(key: tuple[str, str, str, int], results: list[wrk.WrkResult]) -> Point:
+    """One point from equal-length rounds: mean req/s and mean percentiles, summed counts."""
+    n = len(results)
+    return Point(*key, rps=sum(r.rps for r in results) / n, p50_ms=sum(r.p50_ms for r in results) / n,
+                 p90_ms=sum(r.p90_ms for r in results) / n, p99_ms=sum(r.p99_ms for r in results) / n,
+                 requests=sum(r.requests for r in results), errors=sum(r.errors for r in results))  # fmt: skip
 
 
 def _reference(artifact: Path, x: np.ndarray) -> np.ndarray:
@@ -268,13 +305,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="also write the results as JSON to this path")
     p.add_argument("--connections", type=int, nargs="+", default=[8, 32], help="wrk connection counts (default 8 32)")
     p.add_argument("--models", nargs="+", default=["mnist-mlp", "tiny-cnn"], choices=["mnist-mlp", "tiny-cnn"])
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds per point (default 3)")
     p.add_argument("--max-batch-size", type=int, default=8, help="dlstack batching setting (default 8)")
     p.add_argument("--workdir", type=Path, help="keep models and server logs here (default: a temp dir)")
     p.add_argument("--check", action="store_true", help="exit 1 when a target fails")
     p.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.duration <= 0 or min(args.connections) < 1 or args.max_batch_size < 1:
-        p.error("--duration, --connections and --max-batch-size must be positive")
+    if args.duration <= 0 or min(args.connections) < 1 or args.max_batch_size < 1 or args.rounds < 1:
+        p.error("--duration, --connections, --rounds and --max-batch-size must be positive")
     return args
 
 
