@@ -7,9 +7,8 @@ image build and the server. Everything in it is validated here, once.
 from __future__ import annotations
 
 import hashlib
-import os
+import io
 import re
-import tempfile
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from services.atomic import atomic_write
 from services.errors import UserError
 
 MODEL_YAML = "model.yaml"
@@ -244,18 +244,7 @@ def load_spec(artifact_dir: Path | str) -> ModelSpec:
 
 
 def write_spec(artifact_dir: Path | str, spec: ModelSpec) -> Path:
-    """Write ``model.yaml`` atomically (temp file + rename)."""
-    d = Path(artifact_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    data = spec.model_dump(mode="json")
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".model.yaml.")
-    try:
-        # mkstemp creates 0600; the server in the image runs as another user and must read it
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w") as fh:
-            _yaml().dump(data, fh)
-        os.replace(tmp, d / MODEL_YAML)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return d / MODEL_YAML
+    """Write ``model.yaml`` atomically (temp file + rename), readable by the image's non-root user."""
+    buf = io.StringIO()
+    _yaml().dump(spec.model_dump(mode="json"), buf)
+    return atomic_write(Path(artifact_dir) / MODEL_YAML, buf.getvalue(), mode=0o644)

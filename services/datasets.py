@@ -12,16 +12,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.atomic import atomic_write
 from services.errors import UserError
 
 MANIFEST_ENV = "DLSTACK_DATASETS"
@@ -147,19 +148,9 @@ def load_manifest(manifest: Path) -> Any:
 
 def write_yaml_atomic(path: Path, doc: Any) -> None:
     """ruamel round-trip dump through a temp file + fsync + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            _yaml().dump(doc, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o777)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.StringIO()
+    _yaml().dump(doc, buf)
+    atomic_write(path, buf.getvalue())
 
 
 def datasets(manifest: Path | None = None) -> list[Dataset]:

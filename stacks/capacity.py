@@ -18,6 +18,7 @@ Recommend (the headroom, default 30 %, is spare capacity for spikes and a lost p
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -34,6 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from services.atomic import atomic_write
 from services.errors import UserError
 
 WRK = "/usr/bin/wrk"
@@ -469,16 +471,12 @@ def plot(m: Measurement, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
+    buf = io.BytesIO()
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        fig.savefig(buf, format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return atomic_write(path, buf.getvalue())
 
 
 def write_config(stack: str, model: str, rec: Recommendation, path: Path | None = None) -> Path:
@@ -512,18 +510,13 @@ def write_config(stack: str, model: str, rec: Recommendation, path: Path | None 
             entry[key] = CommentedMap()
             entry[key].fa.set_flow_style()
         entry[key].update(values)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    buf = io.StringIO()
+    y.dump(doc, buf)
     try:
-        with os.fdopen(fd, "w") as fh:
-            y.dump(doc, fh)
         # Validate before replacing: a config the schema rejects must never land.
-        load_stack_config(stack, Path(tmp))
-        os.replace(tmp, path)
+        atomic_write(path, buf.getvalue(), validate=lambda tmp: load_stack_config(stack, tmp))
     except UserError as exc:
         raise UserError(f"{path.name}: not changed, the new sizing does not validate: {exc.message}") from exc
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    load_stack_config(stack, path)
     return path
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from services.artifact import file_sha256
 from services.errors import UserError
 
 INDEX_FORMAT = 1
@@ -60,14 +60,6 @@ class Store(Protocol):
         ...
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fsync_dir(d: Path) -> None:
     fd = os.open(d, os.O_RDONLY)
     try:
@@ -90,7 +82,7 @@ class LocalStore:
         return self.root / "blobs" / "sha256" / sha256[:2] / sha256
 
     def put_blob(self, src: Path) -> str:
-        sha = _sha256_file(src)
+        sha = file_sha256(src)
         dest = self._blob_path(sha)
         if dest.exists():
             return sha
@@ -102,7 +94,7 @@ class LocalStore:
                 out.flush()
                 os.fsync(out.fileno())
             # Re-hash what landed on disk: the source may have changed while we copied.
-            if _sha256_file(Path(tmp)) != sha:
+            if file_sha256(Path(tmp)) != sha:
                 raise RegistryError(f"{src} changed while it was being stored; register it again")
             os.chmod(tmp, 0o444)
             os.replace(tmp, dest)
@@ -122,7 +114,7 @@ class LocalStore:
         return self._blob_path(sha256).is_file()
 
     def blob_sha256(self, sha256: str) -> str:
-        return _sha256_file(self._blob_path(sha256))
+        return file_sha256(self._blob_path(sha256))
 
     def read_index(self) -> dict[str, Any]:
         if not self.index_path.exists():
