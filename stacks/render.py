@@ -16,6 +16,7 @@ field by field and prints a markdown review summary.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -41,8 +42,143 @@ MAX_VALUE = 100  # characters of a value shown in the diff table
 def _yaml_dump(obj: Any) -> str:
     import yaml
 
-    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-    return str(yaml.dump(obj, Dumper=dumper, sort_keys=True, default_flow_style=False, allow_unicode=True, width=120))
+    text = yaml.dump(obj, Dumper=_dumper(), sort_keys=True, default_flow_style=False, allow_unicode=True, width=120)
+    return str(text)
+
+
+_DUMPER: Any = None
+
+
+def _dumper() -> Any:
+    """PyYAML's safe dumper (C emitter when available) with a faster representer for plain data.
+
+    The stock representer looks every node up through the type's MRO and its alias tables; a render
+    only holds dicts, lists and scalars, so ``_nodes`` builds the same node tree directly. Anything
+    else (another type, or one object appearing twice, which the stock dumper writes as an anchor)
+    goes through the stock representer, so the text is always exactly what ``yaml.safe_dump`` writes.
+    """
+    global _DUMPER
+    if _DUMPER is not None:
+        return _DUMPER
+    import yaml
+    from yaml.nodes import MappingNode, ScalarNode, SequenceNode
+
+    base = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    STR, INT, BOOL, NULL, FLOAT = (f"tag:yaml.org,2002:{t}" for t in ("str", "int", "bool", "null", "float"))
+    SEQ, MAP = "tag:yaml.org,2002:seq", "tag:yaml.org,2002:map"
+
+    class _NotPlain(Exception):
+        pass
+
+    assert not base.yaml_path_resolvers  # what makes ``resolve`` a pure function (see below)
+    _tags: dict[tuple[str, tuple[bool, bool]], str] = {}
+
+    class FastDumper(base):  # type: ignore[misc, valid-type]
+        _stock = False  # this document needs the stock representer (set on the first surprise)
+
+        def represent(self, data: Any) -> None:
+            self._stock = not (self.default_flow_style is False and self.default_style is None and self.sort_keys)
+            super().represent(data)
+
+        def represent_data(self, data: Any) -> Any:
+            if not self._stock:
+                try:
+                    return self._nodes(data, set())
+                except _NotPlain:
+                    self._stock = True  # the stock representer recurses through here: stay on it
+            return super().represent_data(data)
+
+        def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
+            # The emitter asks twice per scalar which tag its text would resolve to. The answer
+            # depends only on the arguments (the safe dumper has no path resolvers), and a render
+            # repeats the same label keys and values thousands of times.
+            if kind is not ScalarNode:
+                return base.resolve(self, kind, value, implicit)
+            key = (value, implicit)
+            tag = _tags.get(key)
+            if tag is None:
+                if len(_tags) > 100_000:
+                    _tags.clear()
+                tag = _tags[key] = base.resolve(self, kind, value, implicit)
+            return tag
+
+        def _nodes(self, data: Any, seen: set[int]) -> Any:
+            t = type(data)
+            if t is str:
+                return ScalarNode(STR, data)
+            if t is dict:
+                if id(data) in seen:
+                    raise _NotPlain  # shared object: the stock dumper writes an anchor and an alias
+                seen.add(id(data))
+                items = list(data.items())
+                with contextlib.suppress(TypeError):  # mixed key types stay unsorted, as in the stock dumper
+                    items = sorted(items)
+                return MappingNode(MAP, [(self._nodes(k, seen), self._nodes(v, seen)) for k, v in items], False)
+            if t is list:
+                if id(data) in seen:
+                    raise _NotPlain
+                seen.add(id(data))
+                return SequenceNode(SEQ, [self._nodes(v, seen) for v in data], False)
+            if t is bool:
+                return ScalarNode(BOOL, "true" if data else "false")
+            if t is int:
+                return ScalarNode(INT, str(data))
+            if data is None:
+                return ScalarNode(NULL, "null")
+            if t is float and data == data and abs(data) != float("inf"):
+                value = repr(data).lower()
+                if "." not in value and "e" in value:
+                    value = value.replace("e", ".0e", 1)
+                return ScalarNode(FLOAT, value)
+            raise _NotPlain
+
+    _DUMPER = FastDumper
+    return _DUMPER
+
+
+def _json_dump(obj: Any) -> str:
+    """``json.dumps(obj, indent=1, sort_keys=True)``, faster for plain data.
+
+    With ``indent`` the standard library falls back to its pure-Python encoder (generators per
+    value); the index of a 500-model render has ~5,600 entries. Types other than dicts with str
+    keys, lists, str, int, bool and None go through ``json.dumps`` itself.
+    """
+    from json.encoder import encode_basestring_ascii as enc
+
+    class NotPlain(Exception):
+        pass
+
+    def text(o: Any, pad: str) -> str:
+        t = type(o)
+        if t is str:
+            return str(enc(o))
+        if t is dict:
+            if not o:
+                return "{}"
+            inner = pad + " "
+            items = []
+            for k, v in sorted(o.items()):
+                if type(k) is not str:
+                    raise NotPlain
+                items.append(f"{enc(k)}: {text(v, inner)}")
+            return "{\n" + inner + (",\n" + inner).join(items) + "\n" + pad + "}"
+        if t is list:
+            if not o:
+                return "[]"
+            inner = pad + " "
+            return "[\n" + inner + (",\n" + inner).join(text(v, inner) for v in o) + "\n" + pad + "]"
+        if o is None:
+            return "null"
+        if t is bool:
+            return "true" if o else "false"
+        if t is int:
+            return int.__repr__(o)
+        raise NotPlain
+
+    try:
+        return text(obj, "")
+    except (NotPlain, TypeError):
+        return json.dumps(obj, indent=1, sort_keys=True)
 
 
 def _yaml_load(text: str) -> Any:
@@ -55,6 +191,14 @@ def _yaml_load(text: str) -> Any:
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
+
+
+def _write_tree(root: Path, files: dict[str, str]) -> None:
+    """Write ``{relative path: text}`` under ``root``, each directory created once."""
+    for d in sorted({(root / rel).parent for rel in files}):
+        d.mkdir(parents=True, exist_ok=True)
+    for rel, text in files.items():
+        (root / rel).write_text(text, encoding="utf-8")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -171,11 +315,10 @@ def _render(
             if rel is not None:
                 entry["file"] = rel
             index.append(entry)
-        for rel, text in files.items():
-            _write(tmp / rel, text)
+        _write_tree(tmp, files)
         index.sort(key=lambda e: (e["type"], e["name"]))
         doc = {"stack": stack, "resources": index, "outputs": outputs, "files": len(files)}
-        _write(tmp / "index.json", json.dumps(doc, indent=1, sort_keys=True) + "\n")
+        _write(tmp / "index.json", _json_dump(doc) + "\n")
         if out.exists():
             old = out.with_name(out.name + ".old")
             shutil.rmtree(old, ignore_errors=True)

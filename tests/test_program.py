@@ -189,3 +189,29 @@ def test_framework_mismatch_is_reported(registry: Any) -> None:
     raw["models"][1]["framework"] = "onnx"
     with pytest.raises(UserError, match=r"dlstack:models\[1\]\.model: tiny-cnn:1 is a pytorch model, but framework"):
         run_program(lambda: build(parse_config(raw, "x"), registry, BuildOptions(prepare_images=False)))
+
+
+def test_mocked_run_puts_the_sdk_back_even_when_the_program_raises() -> None:
+    """The render patches SDK internals for speed; a real `pulumi up` in the same process must get them back."""
+    import pulumi._types
+    import pulumi.resource
+    import pulumi.runtime.resource
+    import pulumi.runtime.rpc
+
+    targets = [
+        (pulumi.runtime.rpc, "serialize_property"),
+        (pulumi.runtime.rpc, "deserialize_property"),
+        (pulumi.runtime.rpc, "translate_output_properties"),
+        (pulumi._types, "unwrap_type"),
+        (pulumi.runtime.resource, "create_urn"),
+        (pulumi.resource, "collapse_alias_to_urn"),
+    ]
+    before = [getattr(mod, name) for mod, name in targets]
+
+    def program() -> None:
+        raise UserError("boom")
+
+    with pytest.raises(UserError, match="boom"):
+        run_program(program)
+    after = [getattr(mod, name) for mod, name in targets]
+    assert [a is b for a, b in zip(before, after, strict=True)] == [True] * len(targets)

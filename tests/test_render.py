@@ -196,3 +196,27 @@ def test_render_diff_against_a_git_ref(registry: Any, tmp_path: Path) -> None:
     assert hpa == {"spec.maxReplicas": (5, 2)}
     with pytest.raises(UserError, match="git ref 'no-such-ref' cannot be read"):
         render_git_ref("no-such-ref", "dev", tmp_path / "x", repo=repo)
+
+
+def test_fast_yaml_and_json_writers_match_the_stock_ones() -> None:
+    """The render's fast writers must produce exactly what PyYAML's safe dumper and json.dumps write."""
+    import json
+
+    import yaml
+
+    from stacks.render import _json_dump, _yaml_dump
+
+    shared = {"a": 1}
+    docs: list[object] = [
+        {"k": "v", "n": None, "b": True, "i": 3, "f": 1.5, "e": 1e17, "nan": float("nan"), "l": [], "m": {}},
+        {"s": shared, "t": shared},  # one object twice: the stock dumper writes an anchor and an alias
+        {"quoted": ["yes", "0o12", "null", "", "a: b", "line1\nline2", "é"], 1: "int key"},
+        [("tuple",), {"nested": [{"x": -0.0}]}],
+    ]
+    for doc in docs:
+        stock = yaml.dump(
+            doc, Dumper=yaml.CSafeDumper, sort_keys=True, default_flow_style=False, allow_unicode=True, width=120
+        )
+        assert _yaml_dump(doc) == stock
+    for jdoc in [{"é": "ü", "x": [None, True, 0, -3, [], {}], "y": {"z": '"\\\n'}}, {"a": 1.5}, {1: 2}, [(1, 2)]]:
+        assert _json_dump(jdoc) == json.dumps(jdoc, indent=1, sort_keys=True)
