@@ -50,7 +50,7 @@ def test_cpu_limit_env_wins_and_bad_values_say_how_to_fix() -> None:
         (2, {}, (2, 4, 1)),  # one worker per CPU, one intra-op thread each
         (4, {"workers": 2}, (2, 4, 2)),  # fewer workers: the rest of the CPUs go to intra-op threads
         (0.5, {}, (1, 4, 1)),  # a fraction of a CPU still needs one worker
-        (2, {"max_batch_size": 16}, (2, 16, 1)),  # enough HTTP threads to fill a batch
+        (2, {"max_batch_size": 16}, (2, 4, 1)),  # batching does not add threads: they would queue on the GIL
         (2, {"http_threads": 3, "max_batch_size": 16}, (2, 3, 1)),  # an explicit value wins
     ],
 )
@@ -87,7 +87,9 @@ def test_gunicorn_conf_defaults_follow_the_cpu_limit(tmp_path: Path) -> None:
     assert s["graceful_timeout"] > 0 and s["timeout"] > s["graceful_timeout"] / 2 and s["keepalive"] >= 60
     assert s["max_requests"] > 0 and 0 < s["max_requests_jitter"] < s["max_requests"]
     s = gunicorn_settings({"DLSTACK_CPU_LIMIT": "3", "DLSTACK_ARTIFACT_DIR": str(art)}, tmp_path)
-    assert (s["workers"], s["threads"], s["intra"]) == (3, 12, "1")  # threads enough to fill a batch
+    assert (s["workers"], s["threads"], s["intra"]) == (3, 4, "1")  # batching adds no threads: they queue on the GIL
+    s = gunicorn_settings({"DLSTACK_HTTP_THREADS": "6", "DLSTACK_ARTIFACT_DIR": str(art)}, tmp_path)
+    assert s["threads"] == 6
 
 
 @pytest.mark.parametrize(
@@ -187,6 +189,51 @@ def test_sigterm_under_load_drains_without_failed_requests(tmp_path: Path) -> No
     assert not [o for o in after if o.startswith("5")]
 
 
+def test_sigterm_keeps_every_access_line_and_no_silent_connection_holds_it_up(tmp_path: Path) -> None:
+    """Access lines are buffered per worker: none may be lost at exit. A client that connected but never
+    sent a byte (a TCP probe) must not keep a stopping worker waiting for gunicorn's 5 s data timeout."""
+    import socket
+
+    from gunicorn.workers.gthread import DEFAULT_WORKER_DATA_TIMEOUT
+
+    art = make_torch_mlp_artifact(tmp_path / "m")
+    body = {"inputs": [{"name": "input", "shape": [1, 8], "datatype": "FP32", "data": [0.5] * 8}]}
+    rids = [f"before-stop-{i}" for i in range(40)]
+    with start_server(art, workers=2) as srv:
+        with requests.Session() as session:
+            for rid in rids:
+                assert session.post(f"{srv.url}/v2/models/mlp/infer", json=body, headers={"X-Request-ID": rid}).ok
+        silent = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(4)]  # both workers get some
+        time.sleep(0.2)  # accepted and waiting in a pool thread
+        t0 = time.monotonic()
+        rc = srv.stop()
+        elapsed = time.monotonic() - t0
+        for s in silent:
+            s.close()
+    assert rc == 0
+    logged = {line["http"]["request"]["id"] for line in srv.access_lines()}
+    assert set(rids) <= logged, f"access lines lost at shutdown: {sorted(set(rids) - logged)}"
+    assert elapsed < DEFAULT_WORKER_DATA_TIMEOUT, f"stop took {elapsed:.1f} s: a silent connection held it up"
+
+
+def test_kept_alive_connections_are_closed_after_keepalive_requests(tmp_path: Path) -> None:
+    """``DLSTACK_KEEPALIVE_REQUESTS``: the n-th response on a connection says ``Connection: close`` and closes it."""
+    import http.client
+
+    art = make_torch_mlp_artifact(tmp_path / "m")
+    with start_server(art, workers=1, env={"DLSTACK_KEEPALIVE_REQUESTS": "3"}) as srv:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+        seen = []
+        for _ in range(3):
+            conn.request("GET", "/v2/health/live")
+            resp = conn.getresponse()
+            assert resp.status == 200 and resp.read() == b'{"live":true}'
+            seen.append(resp.getheader("Connection"))
+        assert seen == ["keep-alive", "keep-alive", "close"]
+        assert conn.sock is None or conn.sock.recv(1) == b""  # the server closed it
+        conn.close()
+
+
 def test_live_answers_while_the_model_loads_and_infer_waits_for_it(tmp_path: Path, monkeypatch: Any) -> None:
     """Liveness never depends on the model: a slow load must not make a liveness probe time out."""
     import services.runtimes
@@ -204,7 +251,7 @@ def test_live_answers_while_the_model_loads_and_infer_waits_for_it(tmp_path: Pat
             assert gate.wait(30)  # the "big model" finishes loading when the test says so
             real_load()
 
-        runtime.load = slow_load
+        runtime.load = slow_load  # type: ignore[method-assign]
         return runtime
 
     monkeypatch.setattr(services.runtimes, "create_runtime", gated_create)
@@ -212,9 +259,9 @@ def test_live_answers_while_the_model_loads_and_infer_waits_for_it(tmp_path: Pat
     client = create_app(ServerConfig(artifact_dir=art)).test_client()
     assert client.get("/v2/health/live").json == {"live": True}
     r = client.get("/v2/health/ready")
-    assert r.status_code == 503 and r.json["error"] == "not ready: model is loading"
+    assert r.status_code == 503 and (r.json or {})["error"] == "not ready: model is loading"
     body = {"inputs": [{"name": "input", "shape": [1, 8], "datatype": "FP32", "data": [1] * 8}]}
     threading.Timer(0.3, gate.set).start()
     r = client.post("/v2/models/mlp/infer", json=body)  # arrives mid-load: waits instead of failing
-    assert r.status_code == 200 and r.json["outputs"][0]["shape"] == [1, 3]
+    assert r.status_code == 200 and (r.json or {})["outputs"][0]["shape"] == [1, 3]
     assert client.get("/v2/health/ready").status_code == 200

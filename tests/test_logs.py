@@ -127,3 +127,27 @@ def test_access_log_formatter_matches_the_generic_ecs_output() -> None:
         setattr(rec2, k, v)
     rec2.created, rec2.msecs = rec.created, rec.msecs
     assert json.loads(fast.format(rec)) == json.loads(generic.format(rec2))
+
+
+@pytest.mark.parametrize("error", [None, ("bad input", "UserError")])
+def test_direct_access_line_equals_the_formatter_line(error: tuple[str, str] | None) -> None:
+    """The server writes access lines without a LogRecord; they must be the formatter's lines, byte for byte."""
+    import logging
+
+    from services.server import logs
+
+    fields: dict[str, Any] = {
+        "labels": {"model": "m", "model_version": "3"},
+        "http": {"request": {"id": "rid-1", "method": "POST"}, "response": {"status_code": 400 if error else 200}},
+        "url": {"path": "/v2/models/m/infer"},
+        "event": {"duration": 1234567, "dataset": logs.ACCESS_DATASET},
+    }
+    if error:
+        fields["error"] = {"message": error[0], "type": error[1]}
+    level = logging.WARNING if error else logging.INFO
+    msg = f"POST /v2/models/m/infer {400 if error else 200}"
+    rec = logging.LogRecord("dlstack.access", level, __file__, 1, "%s", (msg,), None)
+    rec.ecs = fields
+    expected = logs.formatter().format(rec) + "\n"
+    got = logs.access_line(rec.created, rec.process or 0, level, msg, fields)
+    assert got.decode() == expected

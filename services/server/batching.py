@@ -57,6 +57,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._open: dict[Key, _Batch] = {}
         self.arriving = 0  # requests that called begin() but not yet submit()/cancel()
+        self._waiting = 0  # leaders inside Condition.wait: notifying nobody still costs a lock round trip
         self._busy = False  # one batched forward pass at a time; the next batch fills meanwhile
 
     @property
@@ -72,7 +73,8 @@ class Batcher:
         """The request failed before submit (bad input): stop waiting for it."""
         with self._cond:
             self.arriving -= 1
-            self._cond.notify_all()
+            if self._waiting:
+                self._cond.notify_all()
 
     def submit(self, inputs: Tensors) -> Tensors:
         rows = rows_of(inputs)
@@ -92,7 +94,8 @@ class Batcher:
             index = len(batch.items)
             batch.items.append(inputs)
             batch.rows += rows
-            self._cond.notify_all()
+            if self._waiting:
+                self._cond.notify_all()
             if leader:
                 deadline = time.monotonic() + self.max_batch_time
                 while True:
@@ -101,7 +104,11 @@ class Batcher:
                     if not self._busy and (closed or self.arriving == 0 or left <= 0):
                         break
                     # While the model is busy, waiting costs nothing: the batch keeps filling.
-                    self._cond.wait(0.05 if self._busy else left)
+                    self._waiting += 1
+                    try:
+                        self._cond.wait(0.05 if self._busy else left)
+                    finally:
+                        self._waiting -= 1
                 if self._open.get(key) is batch:
                     del self._open[key]
                 self._busy = True
@@ -111,7 +118,8 @@ class Batcher:
             finally:
                 with self._cond:
                     self._busy = False
-                    self._cond.notify_all()
+                    if self._waiting:
+                        self._cond.notify_all()
         else:
             batch.done.wait()
         if batch.error is not None:

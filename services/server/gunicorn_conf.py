@@ -30,6 +30,7 @@ def _settings_or_exit() -> ServerConfig:
             env_int(os.environ, key, 1)
         env_int(os.environ, "DLSTACK_KEEPALIVE", 0)
         env_int(os.environ, "DLSTACK_MAX_REQUESTS", 0)
+        env_int(os.environ, "DLSTACK_KEEPALIVE_REQUESTS", 0)
         cpu_limit()
         return ServerConfig.from_env()
     except UserError as exc:
@@ -142,6 +143,13 @@ def child_exit(server: Any, worker: Any) -> None:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(worker.pid)
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """Write the worker's buffered log lines before it exits."""
+    from services.server import logs
+
+    logs.flush()
 
 
 def on_exit(server: Any) -> None:
