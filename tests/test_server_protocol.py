@@ -197,10 +197,10 @@ def json_types(types_srv: ServerHandle) -> dict[str, Any]:
     return {t["name"]: t for t in r.json()["outputs"]}
 
 
-@pytest.fixture(scope="module")
-def binary_types(types_srv: ServerHandle) -> dict[str, bytes]:
+def post_types_binary(url: str, text: bytes, **parameters: Any) -> requests.Response:
+    """One binary-extension request to the "types" model: TEXT (a packed BYTES chunk) plus fixed BOOL/FP16/INT64."""
     chunks = [
-        TEXT,
+        text,
         np.array([1, 0, 1], dtype=np.bool_).tobytes(),
         np.array([0.25, -1, 3, 100], dtype="<f2").tobytes(),
         np.array([7], dtype="<i8").tobytes(),
@@ -211,10 +211,15 @@ def binary_types(types_srv: ServerHandle) -> dict[str, bytes]:
             {"name": n, "shape": s, "datatype": d, "parameters": {"binary_data_size": len(c)}}
             for (n, s, d), c in zip(layout, chunks, strict=True)
         ],
-        "parameters": {"binary_data_output": True},
+        "parameters": parameters,
     }
     body, headers = binary_request(header, chunks)
-    r = requests.post(f"{types_srv.url}/v2/models/types/infer", data=body, headers=headers)
+    return requests.post(f"{url}/v2/models/types/infer", data=body, headers=headers)
+
+
+@pytest.fixture(scope="module")
+def binary_types(types_srv: ServerHandle) -> dict[str, bytes]:
+    r = post_types_binary(types_srv.url, TEXT, binary_data_output=True)
     assert r.status_code == 200, r.text
     head, raw = split_binary(r)
     parts, off = {}, 0
@@ -252,21 +257,7 @@ def test_bytes_binary_through_a_real_model(binary_types: dict[str, bytes]) -> No
 
 
 def test_non_utf8_bytes_into_an_onnx_string_tensor_is_a_400(types_srv: ServerHandle) -> None:
-    chunks = [
-        pack_bytes([b"\xff\xfe", b"ok"]),
-        np.array([1, 0, 1], dtype=np.bool_).tobytes(),
-        np.array([0.25, -1, 3, 100], dtype="<f2").tobytes(),
-        np.array([7], dtype="<i8").tobytes(),
-    ]
-    layout = [("text", [1, 2], "BYTES"), ("flag", [1, 3], "BOOL"), ("half", [1, 4], "FP16"), ("count", [1, 1], "INT64")]
-    header = {
-        "inputs": [
-            {"name": n, "shape": s, "datatype": d, "parameters": {"binary_data_size": len(c)}}
-            for (n, s, d), c in zip(layout, chunks, strict=True)
-        ]
-    }
-    body, headers = binary_request(header, chunks)
-    r = requests.post(f"{types_srv.url}/v2/models/types/infer", data=body, headers=headers)
+    r = post_types_binary(types_srv.url, pack_bytes([b"\xff\xfe", b"ok"]))
     assert r.status_code == 400, r.text
     assert "not valid UTF-8" in r.json()["error"] and '"text"' in r.json()["error"]
 
