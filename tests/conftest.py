@@ -7,6 +7,7 @@ import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,6 +29,38 @@ def port() -> int:
     return free_port()
 
 
+def write_torchscript_artifact(
+    out: Path,
+    module: Any,
+    *,
+    name: str,
+    inputs: tuple[str, int] = ("input", 8),
+    outputs: tuple[str, int] = ("output", 3),
+    version: str = "1",
+    **serving: object,
+) -> Path:
+    """Script ``module`` into ``out/model.pt`` and write its model.yaml: one FP32 [-1, width] input and output."""
+    import torch
+
+    from services.artifact import FileEntry, ModelSpec, Serving, Signature, TensorSpec, file_sha256, write_spec
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.jit.script(module).save(str(out / "model.pt"))
+    spec = ModelSpec(
+        name=name,
+        version=version,
+        framework="pytorch",  # type: ignore[arg-type]
+        files=(FileEntry(path="model.pt", sha256=file_sha256(out / "model.pt")),),
+        signature=Signature(
+            inputs=(TensorSpec(name=inputs[0], datatype="FP32", shape=(-1, inputs[1])),),  # type: ignore[arg-type]
+            outputs=(TensorSpec(name=outputs[0], datatype="FP32", shape=(-1, outputs[1])),),  # type: ignore[arg-type]
+        ),
+        serving=Serving(**serving),  # type: ignore[arg-type]
+    )
+    write_spec(out, spec)
+    return out
+
+
 def make_torch_mlp_artifact(
     out: Path,
     name: str = "mlp",
@@ -39,29 +72,14 @@ def make_torch_mlp_artifact(
     """A TorchScript MLP artifact written straight through services.artifact (no packaging code involved)."""
     import torch
 
-    from services.artifact import FileEntry, ModelSpec, Serving, Signature, TensorSpec, file_sha256, write_spec
-
     torch.manual_seed(seed)
     layers: list[torch.nn.Module] = []
     for a, b in itertools.pairwise(sizes):
         layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
     model = torch.nn.Sequential(*layers[:-1]).eval()
-    out.mkdir(parents=True, exist_ok=True)
-    scripted = torch.jit.script(model)
-    scripted.save(str(out / "model.pt"))
-    spec = ModelSpec(
-        name=name,
-        version=version,
-        framework="pytorch",  # type: ignore[arg-type]
-        files=(FileEntry(path="model.pt", sha256=file_sha256(out / "model.pt")),),
-        signature=Signature(
-            inputs=(TensorSpec(name="input", datatype="FP32", shape=(-1, sizes[0])),),  # type: ignore[arg-type]
-            outputs=(TensorSpec(name="output", datatype="FP32", shape=(-1, sizes[-1])),),  # type: ignore[arg-type]
-        ),
-        serving=Serving(**serving),  # type: ignore[arg-type]
+    return write_torchscript_artifact(
+        out, model, name=name, inputs=("input", sizes[0]), outputs=("output", sizes[-1]), version=version, **serving
     )
-    write_spec(out, spec)
-    return out
 
 
 @pytest.fixture

@@ -232,9 +232,9 @@ def test_internal_error_is_500_with_request_id(tmp_path: Path) -> None:
     """A model that fails at predict time (not bad input): 500, the request id in body and header, worker fine."""
     import torch
 
-    from services.artifact import FileEntry, ModelSpec, Signature, TensorSpec, file_sha256, write_spec
     from services.server.app import create_app
     from services.server.config import ServerConfig
+    from tests.conftest import write_torchscript_artifact
 
     class Boom(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -242,19 +242,7 @@ def test_internal_error_is_500_with_request_id(tmp_path: Path) -> None:
                 raise RuntimeError("boom")
             return x * 2
 
-    torch.jit.script(Boom()).save(str(tmp_path / "model.pt"))
-    write_spec(
-        tmp_path,
-        ModelSpec(
-            name="boom",
-            framework="pytorch",  # type: ignore[arg-type]
-            files=(FileEntry(path="model.pt", sha256=file_sha256(tmp_path / "model.pt")),),
-            signature=Signature(
-                inputs=(TensorSpec(name="x", datatype="FP32", shape=(-1, 2)),),  # type: ignore[arg-type]
-                outputs=(TensorSpec(name="y", datatype="FP32", shape=(-1, 2)),),  # type: ignore[arg-type]
-            ),
-        ),
-    )
+    write_torchscript_artifact(tmp_path, Boom(), name="boom", inputs=("x", 2), outputs=("y", 2))
     client = create_app(ServerConfig(artifact_dir=tmp_path), background_load=False).test_client()
     body = {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [42, 0]}]}
     r = client.post("/v2/models/boom/infer", json=body, headers={"X-Request-ID": "rid-500"})

@@ -16,11 +16,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from services.artifact import FileEntry, ModelSpec, Signature, TensorSpec, file_sha256, write_spec
 from services.registry import Registry
 from stacks.cli import main
 from stacks.promote import history, slo_gate
-from tests.conftest import free_port
+from tests.conftest import free_port, write_torchscript_artifact
 from tests.serving import start_server
 
 PROMETHEUS = "/usr/bin/prometheus"
@@ -46,21 +45,7 @@ def failing_mlp_artifact(out: Path) -> Path:
             return self.fc(x)
 
     torch.manual_seed(0)
-    out.mkdir(parents=True)
-    torch.jit.script(Mlp().eval()).save(str(out / "model.pt"))
-    write_spec(
-        out,
-        ModelSpec(
-            name="mnist-mlp",
-            framework="pytorch",  # type: ignore[arg-type]
-            files=(FileEntry(path="model.pt", sha256=file_sha256(out / "model.pt")),),
-            signature=Signature(
-                inputs=(TensorSpec(name="input", datatype="FP32", shape=(-1, 8)),),  # type: ignore[arg-type]
-                outputs=(TensorSpec(name="output", datatype="FP32", shape=(-1, 3)),),  # type: ignore[arg-type]
-            ),
-        ),
-    )
-    return out
+    return write_torchscript_artifact(out, Mlp().eval(), name="mnist-mlp")
 
 
 @contextlib.contextmanager
