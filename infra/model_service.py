@@ -76,7 +76,7 @@ class ModelServiceArgs:
     memory_limit: str | None = None  # default = memory; memory limit (no overcommit)
     workers: int = 2  # default 2; gunicorn worker processes (DLSTACK_WORKERS)
     threads: int | None = None  # default None = CPU limit / workers (server); intra-op threads per worker
-    http_threads: int | None = None  # default None = server decides (4, or max_batch_size up to 32)
+    http_threads: int | None = None  # default None = server decides (4); threads for the Flask routes per worker
     max_batch_size: int = 1  # default 1 = batching off; rows per forward pass
     max_batch_time_ms: float = 2.0  # default 2 ms; how long a batch may wait to fill
     gpu_count: int = 0  # default 0 = CPU only; GPUs per replica (limit on gpu_resource)

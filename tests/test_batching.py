@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 import requests
 
-from services.server.batching import Batcher, Tensors
+from services.server.batching import Batcher, LoopBatcher, Tensors
 from tests.conftest import make_torch_mlp_artifact
 from tests.serving import start_server
 
@@ -153,3 +155,121 @@ def test_batched_responses_equal_unbatched_ones_on_a_real_server(tmp_path: Path)
     rows = _metric(metrics, "dlstack_batch_size_sum")
     assert rows == sum(b["inputs"][0]["shape"][0] for b in bodies)
     assert passes < len(bodies), "no request was batched with another"
+
+
+class LoopHarness:
+    """A real asyncio loop driving a ``LoopBatcher`` the way the worker does (forward in one thread)."""
+
+    def __init__(self, predict: Callable[[Tensors], Tensors], max_batch_size: int, max_batch_time_ms: float) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.pool = ThreadPoolExecutor(1)
+        self.forward_threads: list[int] = []
+
+        def run_forward(work: Callable[[], None], then: Callable[[], None]) -> None:
+            def in_thread() -> None:
+                self.forward_threads.append(threading.get_ident())
+                work()
+
+            fut = self.pool.submit(in_thread)
+            fut.add_done_callback(lambda _: self.loop.call_soon_threadsafe(then))
+
+        self.batcher = LoopBatcher(
+            predict, max_batch_size, max_batch_time_ms, self.loop.call_soon, self.loop.call_later, run_forward
+        )
+
+    def submit_all(self, reqs: list[Tensors], arriving: int = 0, timeout: float = 10) -> list[Tensors | BaseException]:
+        """Submit ``reqs`` in one loop pass (as requests parsed together are); wait for every answer."""
+        results: dict[int, Tensors | BaseException] = {}
+
+        def submit() -> None:
+            self.batcher.arriving += arriving
+            for i, r in enumerate(reqs):
+                self.batcher.submit(r, lambda out, err, i=i: results.__setitem__(i, err if err else out))
+
+        self.loop.call_soon(submit)
+
+        async def wait() -> None:
+            deadline = time.monotonic() + timeout
+            while len(results) < len(reqs) and time.monotonic() < deadline:
+                await asyncio.sleep(0.001)
+
+        self.loop.run_until_complete(wait())
+        assert len(results) == len(reqs), f"only {len(results)} of {len(reqs)} requests were answered"
+        return [results[i] for i in range(len(reqs))]
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        self.loop.close()
+
+
+def test_loop_batcher_stacks_what_arrives_in_one_loop_pass() -> None:
+    rec = Recorder()
+    h = LoopHarness(rec, max_batch_size=8, max_batch_time_ms=0)
+    reqs = [{"x": np.full((1, 3), i, np.float32)} for i in range(8)]
+    outs = h.submit_all(reqs)
+    h.close()
+    assert len(rec.calls) == 1 and rec.calls[0]["x"].shape == (8, 3)
+    for r, o in zip(reqs, outs, strict=True):
+        assert isinstance(o, dict) and np.array_equal(o["x_out"], r["x"] * 2 + 1)
+    assert rec.threads[0] != threading.get_ident()  # off the loop thread: probes stay answered meanwhile
+
+
+def test_loop_batcher_never_mixes_keys_respects_the_limit_and_keeps_order() -> None:
+    rec = Recorder(delay=0.002)
+    h = LoopHarness(rec, max_batch_size=4, max_batch_time_ms=0)
+    kinds = [
+        lambda i: {"x": np.full((1, 4), i, np.float32)},
+        lambda i: {"x": np.full((2, 5), i, np.float32)},  # other trailing shape
+        lambda i: {"x": np.full((1, 4), i, np.float64)},  # other dtype
+        lambda i: {"z": np.full((1, 4), i, np.float32)},  # other input name
+    ]
+    reqs = [kinds[i % len(kinds)](i) for i in range(24)] + [{"x": np.ones((9, 4), np.float32)}]
+    outs = h.submit_all(reqs)
+    h.close()
+    for call in rec.calls:
+        keys = {(n, a.dtype.str, a.shape[1:]) for n, a in call.items()}
+        assert len(keys) == len(call), f"a forward pass mixed shapes/dtypes: {keys}"
+        rows = next(iter(call.values())).shape[0]
+        assert rows <= 4 or rows == 9, f"a batch of {rows} rows is over max_batch_size=4"
+    for r, o in zip(reqs, outs, strict=True):
+        assert isinstance(o, dict)
+        for n, a in r.items():
+            assert o[f"{n}_out"].dtype == a.dtype and np.array_equal(o[f"{n}_out"], a * 2 + 1)
+    kind0 = [c["x"] for c in rec.calls if "x" in c and c["x"].dtype == np.float32 and c["x"].shape[1] == 4]
+    first_x = [float(x[0, 0]) for x in kind0 if x.shape[0] != 9]  # the 9-row request (all ones) came last
+    assert first_x == sorted(first_x), "batches of one kind ran out of arrival order"
+    assert len(rec.calls) < len(reqs)
+
+
+def test_loop_batcher_off_runs_one_forward_per_request() -> None:
+    rec = Recorder()
+    h = LoopHarness(rec, max_batch_size=1, max_batch_time_ms=50)
+    outs = h.submit_all([{"x": np.full((1, 2), i, np.float32)} for i in range(5)])
+    h.close()
+    assert [c["x"].shape for c in rec.calls] == [(1, 2)] * 5
+    assert [float(o["x_out"][0, 0]) for o in outs if isinstance(o, dict)] == [1.0, 3.0, 5.0, 7.0, 9.0]
+
+
+def test_loop_batcher_error_reaches_every_request_of_the_batch() -> None:
+    def fail(inputs: Tensors) -> Tensors:
+        raise RuntimeError("model exploded")
+
+    h = LoopHarness(fail, max_batch_size=4, max_batch_time_ms=0)
+    outs = h.submit_all([{"x": np.ones((1, 2), np.float32)} for _ in range(4)])
+    h.close()
+    assert all(isinstance(o, RuntimeError) and "model exploded" in str(o) for o in outs)
+
+
+def test_loop_batcher_waits_for_arriving_requests_only_up_to_max_batch_time() -> None:
+    """An idle model waits (at most max_batch_time) only while another request is still being received."""
+    rec = Recorder()
+    h = LoopHarness(rec, max_batch_size=8, max_batch_time_ms=150)
+    t0 = time.monotonic()
+    h.submit_all([{"x": np.ones((1, 2), np.float32)}])  # nobody arriving: no wait
+    lone = time.monotonic() - t0
+    t0 = time.monotonic()
+    h.submit_all([{"x": np.ones((1, 2), np.float32)}], arriving=1)  # one that never completes: waits it out
+    waited = time.monotonic() - t0
+    h.batcher.arriving = 0
+    h.close()
+    assert lone < 0.1 and 0.14 <= waited < 2.0, (lone, waited)

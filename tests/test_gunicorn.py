@@ -82,7 +82,7 @@ def test_gunicorn_conf_defaults_follow_the_cpu_limit(tmp_path: Path) -> None:
     }
     s = gunicorn_settings(env | {"DLSTACK_ARTIFACT_DIR": str(art)}, tmp_path)
     assert (s["workers"], s["threads"], s["intra"]) == (2, 4, "2")
-    assert s["worker_class"] == "services.server.lifecycle.DrainingWorker" and s["preload_app"] is False
+    assert s["worker_class"] == "services.server.worker.EventLoopWorker" and s["preload_app"] is False
     assert s["bind"] == ["127.0.0.1:9"]
     assert s["graceful_timeout"] > 0 and s["timeout"] > s["graceful_timeout"] / 2 and s["keepalive"] >= 60
     assert s["max_requests"] > 0 and 0 < s["max_requests_jitter"] < s["max_requests"]
@@ -194,8 +194,6 @@ def test_sigterm_keeps_every_access_line_and_no_silent_connection_holds_it_up(tm
     sent a byte (a TCP probe) must not keep a stopping worker waiting for gunicorn's 5 s data timeout."""
     import socket
 
-    from gunicorn.workers.gthread import DEFAULT_WORKER_DATA_TIMEOUT
-
     art = make_torch_mlp_artifact(tmp_path / "m")
     body = {"inputs": [{"name": "input", "shape": [1, 8], "datatype": "FP32", "data": [0.5] * 8}]}
     rids = [f"before-stop-{i}" for i in range(40)]
@@ -213,7 +211,7 @@ def test_sigterm_keeps_every_access_line_and_no_silent_connection_holds_it_up(tm
     assert rc == 0
     logged = {line["http"]["request"]["id"] for line in srv.access_lines()}
     assert set(rids) <= logged, f"access lines lost at shutdown: {sorted(set(rids) - logged)}"
-    assert elapsed < DEFAULT_WORKER_DATA_TIMEOUT, f"stop took {elapsed:.1f} s: a silent connection held it up"
+    assert elapsed < 3, f"stop took {elapsed:.1f} s: a silent connection held it up"
 
 
 def test_kept_alive_connections_are_closed_after_keepalive_requests(tmp_path: Path) -> None:

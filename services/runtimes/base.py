@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ class Runtime(abc.ABC):
         self.artifact_dir = Path(artifact_dir)
         self.threads = threads  # intra-op threads; None = the framework's default
         self.ready = False
+        self._bound: set[int] = set()  # threads that ran bind_thread()
 
     def load(self) -> None:
         """Load the model, then run one warm-up pass that proves it agrees with ``model.yaml``."""
@@ -33,7 +35,20 @@ class Runtime(abc.ABC):
         """Run one forward pass: batch-first numpy arrays in, keyed by signature names, and out."""
         if not self.ready:
             raise RuntimeError(f"model {self.spec.name!r} is not loaded; call load() first")
+        ident = threading.get_ident()
+        if ident not in self._bound:
+            self._bound.add(ident)
+            self.bind_thread()
         return self._predict(inputs)
+
+    def bind_thread(self) -> None:
+        """Apply per-thread framework settings in a thread about to run its first forward pass.
+
+        OpenMP's thread count is per calling thread: ``torch.set_num_threads`` in the loading
+        thread left the server's inference thread at one OpenMP thread per CPU, two workers on two
+        CPUs then ran four spinning threads and a batch of 8 took 20x longer.
+        """
+        return None
 
     @abc.abstractmethod
     def _load(self) -> None: ...

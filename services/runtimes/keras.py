@@ -63,6 +63,10 @@ def output_names(model: Any) -> list[str]:
 class KerasRuntime(Runtime):
     framework = "keras"
 
+    def bind_thread(self) -> None:
+        if self.threads and getattr(self, "_torch", None) is not None:
+            self._torch.set_num_threads(self.threads)
+
     def _load(self) -> None:
         backend = self.spec.serving.keras_backend
         keras = import_keras(backend)

@@ -51,6 +51,10 @@ class PyTorchRuntime(Runtime):
                 f"{[t.name for t in self.spec.signature.inputs]}; list one --input per forward argument, in order"
             )
 
+    def bind_thread(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+
     def _predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # forward args are positional, in signature order
         args = [torch.from_numpy(writable(inputs[t.name])) for t in self.spec.signature.inputs]

@@ -73,7 +73,7 @@ class ModelServer:
         self.max_body_bytes = config.max_body_bytes or (serving.max_body_bytes if serving else 16 << 20)
         self.signature = Signature(spec, serving.reject_nonfinite) if spec and serving else None
         self.batcher = Batcher(
-            self._forward,
+            self.forward,
             config.max_batch_size or (serving.max_batch_size if serving else 1),
             config.max_batch_time_ms
             if config.max_batch_time_ms is not None
@@ -147,7 +147,7 @@ class ModelServer:
             "outputs": tensors(sig.outputs),
         }
 
-    def _forward(self, inputs: Tensors) -> Tensors:
+    def forward(self, inputs: Tensors) -> Tensors:
         t0 = time.perf_counter()
         out: Tensors = self.runtime.predict(inputs)
         self.metrics.inference.observe(time.perf_counter() - t0)
@@ -170,7 +170,7 @@ class ModelServer:
     def predict(self, decode: Callable[[], Tensors]) -> Tensors:
         """Decode and run; with batching on, tell the batcher a request is coming before decoding it."""
         if not self.batcher.enabled:
-            return self._forward(decode())
+            return self.forward(decode())
         self.batcher.begin()
         try:
             inputs = decode()
@@ -180,30 +180,42 @@ class ModelServer:
         return self.batcher.submit(inputs)
 
 
-def read_body(environ: dict[str, Any], limit: int) -> bytes:
-    ctype = environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
+def check_body(content_type: str, body: bytes, limit: int) -> bytes:
+    """The request body of an inference route, or the 4xx that says what to send instead."""
+    ctype = content_type.split(";", 1)[0].strip().lower()
     if ctype not in _BODY_TYPES and not ctype.endswith("+json"):
         raise UnsupportedMediaType(
             f"Content-Type {ctype!r} is not supported; send application/json (or application/octet-stream "
             f"with the {HEADER_LENGTH} header for binary tensors)"
         )
+    if len(body) > limit:
+        raise PayloadTooLarge(too_large(len(body), limit))
+    if not body:
+        raise UserError("the request body is empty; send a JSON inference request")
+    return body
+
+
+def too_large(n: int | None, limit: int) -> str:
+    size = f"{n} bytes," if n is not None else "chunked and"
+    return (
+        f"request body is {size} over the {limit}-byte limit; send fewer rows per request, use the "
+        "binary tensor extension, or raise serving.max_body_bytes / --max-body-bytes"
+    )
+
+
+def read_body(environ: dict[str, Any], limit: int) -> bytes:
     length = environ.get("CONTENT_LENGTH")
     stream = environ["wsgi.input"]
     if length:
         n = int(length)
         if n > limit:
-            raise PayloadTooLarge(
-                f"request body is {n} bytes, over the {limit}-byte limit; send fewer rows per request, use the "
-                "binary tensor extension, or raise serving.max_body_bytes / --max-body-bytes"
-            )
+            raise PayloadTooLarge(too_large(n, limit))
         body: bytes = stream.read(n)
     else:  # chunked: read at most one byte past the limit
         body = stream.read(limit + 1)
         if len(body) > limit:
-            raise PayloadTooLarge(f"request body is over the {limit}-byte limit; raise --max-body-bytes")
-    if not body:
-        raise UserError("the request body is empty; send a JSON inference request")
-    return body
+            raise PayloadTooLarge(too_large(None, limit))
+    return check_body(environ.get("CONTENT_TYPE", ""), body, limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,10 +277,7 @@ class Views:
             return req.inputs
 
         outputs = s.predict(decode)
-        data, json_len = sig.encode(decoded[0], outputs)
-        if json_len is None:
-            return Reply(data)
-        return Reply(data, 200, "application/octet-stream", ((HEADER_LENGTH, str(json_len)),))
+        return infer_reply(sig, decoded[0], outputs)
 
     def v1_predict(self, environ: dict[str, Any], name: str) -> Reply:
         s = self.s
@@ -286,6 +295,13 @@ class Views:
             return Reply(b'{"ready":true}')
         reason = "the server is draining (SIGTERM received)" if lifecycle.draining() else s.reason
         return Reply(orjson.dumps({"ready": False, "error": f"not ready: {reason}"}), 503)
+
+
+def infer_reply(sig: Signature, req: InferRequest, outputs: Tensors) -> Reply:
+    data, json_len = sig.encode(req, outputs)
+    if json_len is None:
+        return Reply(data)
+    return Reply(data, 200, "application/octet-stream", ((HEADER_LENGTH, str(json_len)),))
 
 
 class AccessLog:
@@ -314,7 +330,10 @@ class AccessLog:
             rid = os.urandom(16).hex()  # a uuid4().hex without building a UUID
         environ["dlstack.request_id"] = rid
         m = self.server.metrics
-        m.inflight.inc()
+        # The event-loop worker counts its requests (these included) and sets the gauge itself.
+        own_gauge = "dlstack.worker" not in environ
+        if own_gauge:
+            m.inflight.inc()
         try:
             fast = self.fast.get((environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")))
             if fast is not None:
@@ -345,7 +364,8 @@ class AccessLog:
                 body = self.app(environ, sr)
                 code = int(status[0][:3]) if status else 500
         finally:
-            m.inflight.dec()
+            if own_gauge:
+                m.inflight.dec()
         elapsed = time.perf_counter_ns() - t0
         m.request(environ.get("dlstack.route", "other"), code, elapsed / 1e9)
         err = environ.get("dlstack.error")

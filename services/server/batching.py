@@ -141,3 +141,121 @@ class Batcher:
             batch.error = exc
         finally:
             batch.done.set()
+
+
+Done = Callable[[Tensors | None, BaseException | None], None]
+
+
+class LoopBatcher:
+    """The event-loop worker's batcher: requests parsed in one loop pass share one forward pass.
+
+    ``submit`` is called on the loop, never blocks, and calls ``done(outputs, None)`` or
+    ``done(None, error)`` on the loop later. Forward passes run one at a time in ``run_forward``
+    (the worker's inference thread), and the next batch fills meanwhile: under load a batch is
+    whatever arrived during the previous pass. When the model is idle a batch starts at once,
+    unless a request is still being received (``arriving``): then it waits for it up to
+    ``max_batch_time``. Only requests with equal ``batch_key`` are stacked; FIFO across keys.
+    """
+
+    def __init__(
+        self,
+        predict: Predict,
+        max_batch_size: int,
+        max_batch_time_ms: float,
+        call_soon: Callable[[Callable[[], None]], object],
+        call_later: Callable[[float, Callable[[], None]], object],
+        run_forward: Callable[[Callable[[], None], Callable[[], None]], None],
+    ) -> None:
+        self._predict = predict
+        self.max_batch_size = max(1, max_batch_size)
+        self.max_batch_time = max_batch_time_ms / 1000.0
+        self._call_soon = call_soon
+        self._call_later = call_later
+        self._run_forward = run_forward  # run_forward(work, then): work() off the loop, then() back on it
+        self._queue: dict[Key, list[tuple[Tensors, Done]]] = {}  # insertion order = arrival order of keys
+        self.arriving = 0  # requests of this worker whose bytes are still coming in
+        self._busy = False
+        self._scheduled = False
+        self._deadline: float | None = None  # monotonic s; set while an idle model waits for arriving requests
+        self._expired = False
+
+    @property
+    def pending(self) -> int:
+        return sum(len(q) for q in self._queue.values())
+
+    def submit(self, inputs: Tensors, done: Done) -> None:
+        if self.max_batch_size > 1 and all(a.ndim for a in inputs.values()):
+            key = batch_key(inputs)
+        else:  # batching off, or scalars (which cannot stack): a batch of its own
+            key = (("", str(id(done)), ()),)
+        self._queue.setdefault(key, []).append((inputs, done))
+        self._schedule()
+
+    def request_arrived(self) -> None:
+        """A request that was ``arriving`` is complete (or failed): an idle model may stop waiting."""
+        self.arriving -= 1
+        if self.arriving <= 0 and self._deadline is not None:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._scheduled and not self._busy:
+            self._scheduled = True
+            self._call_soon(self._start)
+
+    def _timeout(self) -> None:
+        self._expired = True
+        self._schedule()
+
+    def _start(self) -> None:
+        self._scheduled = False
+        if self._busy or not self._queue:
+            return
+        key = next(iter(self._queue))
+        items = self._queue[key]
+        rows = sum(rows_of(x) for x, _ in items)
+        if self.max_batch_time > 0 and self.arriving > 0 and rows < self.max_batch_size:
+            if self._deadline is None:
+                self._deadline = time.monotonic() + self.max_batch_time
+                self._expired = False
+                self._call_later(self.max_batch_time, self._timeout)
+                return
+            if not self._expired and time.monotonic() < self._deadline:
+                return
+        self._deadline = None
+        batch: list[tuple[Tensors, Done]] = []
+        n = 0
+        while items and (not batch or n + rows_of(items[0][0]) <= self.max_batch_size):
+            batch.append(items.pop(0))
+            n += rows_of(batch[-1][0])
+        if not items:
+            del self._queue[key]
+        self._busy = True
+        result: list[Tensors] = []
+        error: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                result.extend(self._forward([x for x, _ in batch]))
+            except BaseException as exc:  # every request of the batch gets the error
+                error.append(exc)
+
+        def then() -> None:
+            self._busy = False
+            if self._queue:
+                self._schedule()
+            for i, (_, done) in enumerate(batch):
+                if error:
+                    done(None, error[0])
+                else:
+                    done(result[i], None)
+
+        self._run_forward(work, then)
+
+    def _forward(self, items: list[Tensors]) -> list[Tensors]:
+        if len(items) == 1:
+            return [self._predict(items[0])]
+        names = list(items[0])
+        out = self._predict({n: np.concatenate([it[n] for it in items]) for n in names})
+        splits = np.cumsum([rows_of(it) for it in items])[:-1]
+        parts = {n: np.split(a, splits) for n, a in out.items()}
+        return [{n: parts[n][i] for n in parts} for i in range(len(items))]

@@ -25,7 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=8080, help="port to bind (default 8080)")
     p.add_argument("--workers", type=_positive, help="worker processes (default: the CPU limit)")
-    p.add_argument("--threads", type=_positive, help="HTTP threads per worker (default 4)")
+    p.add_argument(
+        "--threads",
+        type=_positive,
+        help="threads per worker for the Flask routes (metadata, /metrics, OpenAPI); default 4",
+    )
     p.add_argument("--max-batch-size", type=_positive, help="rows per forward pass; 1 = batching off")
     p.add_argument("--max-batch-time-ms", type=float, help="ms the first request of a batch waits for more")
     p.add_argument("--max-body-bytes", type=_body_bytes, help="request body limit, >= 1024 (default 16 MiB)")

@@ -54,20 +54,20 @@ def _quantity(raw: str) -> float:
 
 @dataclass(frozen=True)
 class Layout:
-    """How the CPU limit is split: processes x HTTP threads, and intra-op threads per process."""
+    """How the CPU limit is split: processes, their Flask-route threads, and intra-op threads per process."""
 
     workers: int  # default = CPU limit rounded up; gunicorn worker processes
-    http_threads: int  # default 4; gthread threads per worker
+    http_threads: int  # default 4; threads per worker for the Flask routes (inference runs on the event loop)
     intra_op_threads: int  # default CPU limit / workers, at least 1; framework threads per worker
 
 
 def layout(cpus: float, workers: int | None = None, http_threads: int | None = None, max_batch_size: int = 1) -> Layout:
-    """One worker per CPU keeps the GIL out of the way; threads only overlap I/O and fill batches.
+    """One worker per CPU keeps the GIL out of the way.
 
-    More threads do not fill bigger batches on a busy worker: requests queue on the GIL, and each
-    extra thread costs switches (8 threads gave ~40% fewer req/s than 4 on a 2-CPU MLP benchmark).
-    ``max_batch_size`` is kept for callers; a batch also fills from requests that arrive while the
-    previous one runs.
+    Each worker answers inference and health on its event loop and runs forward passes in one
+    inference thread; ``http_threads`` only serve the Flask routes (metadata, /metrics, OpenAPI),
+    so they do not need to grow with the load or the batch size (``max_batch_size`` is kept for
+    callers). A batch fills from the requests that arrive while the previous one runs.
     """
     w = workers or max(1, math.ceil(cpus))
     t = http_threads or 4

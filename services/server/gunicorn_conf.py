@@ -103,7 +103,7 @@ os.environ.setdefault("DLSTACK_INTRA_OP_THREADS", str(_layout.intra_op_threads))
 bind = [os.environ.get("DLSTACK_BIND", "0.0.0.0:8080")]
 workers = _layout.workers
 threads = _layout.http_threads
-worker_class = "services.server.lifecycle.DrainingWorker"
+worker_class = "services.server.worker.EventLoopWorker"
 preload_app = False  # load the model after fork, in each worker
 timeout = _int("DLSTACK_TIMEOUT", 60)  # s a worker may stay silent before the master kills it
 graceful_timeout = _int("DLSTACK_GRACEFUL_TIMEOUT", 25)  # s for in-flight requests after SIGTERM (+ drain)

@@ -1,0 +1,649 @@
+"""The gunicorn worker: one event loop (uvloop) per process, HTTP/1.1 parsed by httptools.
+
+Why not gthread: on the 2-CPU benchmark about 40 % of a worker's time went to gthread's
+per-request path (a pool thread per request, a selector round trip per kept-alive request),
+and gunicorn's own ``-k asgi`` worker reached 5,500 JSON / 7,000 binary req/s on the MLP where
+an httptools protocol on uvloop reached 8,000 / 10,500 (tests/bench, same run).
+
+The inference routes and the health probes are answered on the loop, through the same
+``Views`` code the Flask routes use; their forward passes are batched by ``LoopBatcher`` and
+run in one inference thread, so the loop keeps reading requests (and answering probes) while
+the model computes. Every other route goes to the Flask app (WSGI) in a pool of ``threads``
+threads, and so does inference while the model is still loading (it waits for the load there).
+
+SIGTERM: readiness turns 503 at once; after ``DLSTACK_DRAIN_SECONDS`` the worker stops
+accepting, closes idle kept-alive connections, finishes the requests it has (answering them
+with ``Connection: close``) and exits, within gunicorn's ``graceful_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import httptools
+from gunicorn import util
+from gunicorn.workers.base import Worker
+
+from services.errors import DlstackError
+from services.server import lifecycle, logs
+from services.server.app import (
+    _STATUS,
+    JSON,
+    ModelServer,
+    Reply,
+    Views,
+    check_body,
+    error_reply,
+    infer_reply,
+    too_large,
+)
+from services.server.batching import LoopBatcher
+from services.server.protocol import InferRequest, Tensors
+
+KEEPALIVE_REQUESTS = 1000  # default requests per kept-alive connection before it is closed (0 = no limit)
+ACCEPT_FREE_CONNS = 4  # connections a worker accepts without yielding to the other workers
+ACCEPT_DELAY_PER_CONN_S = 0.001  # s a worker stops accepting, per connection it holds beyond ACCEPT_FREE_CONNS
+TICK_S = 0.1  # s between housekeeping ticks: heartbeat, in-flight gauge, idle connections, stop progress
+Headers = list[tuple[str, str]]
+WsgiAnswer = tuple[str, Headers, bytes]  # status line, headers, body
+MAX_PIPELINED = 16  # requests queued on one connection before the worker stops reading it
+
+
+class HttpError(DlstackError):
+    """A request this worker rejects before any route sees it (bad framing, limits)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Request:
+    """One HTTP request as the parser delivers it."""
+
+    __slots__ = ("body", "headers", "keep_alive", "length", "method", "size", "t0", "url", "version")
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter_ns()
+        self.url = b""
+        self.headers: dict[bytes, bytes] = {}
+        self.body: list[bytes] = []
+        self.size = 0
+        self.method = b"GET"
+        self.version = "1.1"
+        self.keep_alive = True
+        self.length: int | None = None
+
+    def header(self, name: bytes) -> str | None:
+        value = self.headers.get(name)
+        return None if value is None else value.decode("latin-1")
+
+
+class HttpConnection(asyncio.Protocol):
+    """One client connection: parses requests, hands them to the worker one at a time, writes answers."""
+
+    def __init__(self, worker: EventLoopWorker) -> None:
+        self.w = worker
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.req: Request | None = None  # the request being received
+        self.queue: deque[Request] = deque()  # received, waiting for the one in progress (pipelining)
+        self.busy = False  # a request of this connection is being answered
+        self.served = 0
+        self.idle_since = time.monotonic()
+        self.header_bytes = 0
+        self.paused = False
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.w.conns.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.w.conns.discard(self)
+        self.w.nr_conns -= 1
+        if self.req is not None:
+            self.req = None
+            self.w.batcher.request_arrived()
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except HttpError as exc:
+            self.fail(exc.status, exc.message)
+        except httptools.HttpParserCallbackError as exc:  # httptools wraps what a callback raised
+            if not isinstance(exc.__context__, HttpError):
+                raise
+            self.fail(exc.__context__.status, exc.__context__.message)
+        except httptools.HttpParserUpgrade:
+            self.fail(400, "protocol upgrades (WebSocket, h2c) are not supported; send plain HTTP/1.1 requests")
+        except httptools.HttpParserError as exc:
+            self.fail(400, f"malformed HTTP request ({exc}); send an HTTP/1.1 request")
+        except Exception:  # a bug of ours: say so in the log, answer 500, keep the worker
+            self.w.log.exception("unhandled error while reading a request")
+            self.fail(500, "internal error while reading the request; the server log has the details")
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self.req = Request()
+        self.header_bytes = 0
+        self.w.batcher.arriving += 1
+
+    def on_url(self, url: bytes) -> None:
+        req = self.req
+        assert req is not None
+        req.url += url
+        if len(req.url) > self.w.limit_line:
+            raise HttpError(414, f"the request URL is over {self.w.limit_line} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        req = self.req
+        assert req is not None
+        self.header_bytes += len(name) + len(value)
+        if len(name) + len(value) > self.w.limit_field_size:
+            raise HttpError(431, f"header {name[:64].decode('latin-1')!r} is over {self.w.limit_field_size} bytes")
+        if len(req.headers) >= self.w.limit_fields:
+            raise HttpError(431, f"the request has more than {self.w.limit_fields} header fields")
+        key = name.lower()
+        old = req.headers.get(key)
+        req.headers[key] = value if old is None else old + b", " + value
+
+    def on_headers_complete(self) -> None:
+        req = self.req
+        assert req is not None
+        parser = self.parser
+        req.method = parser.get_method()
+        req.version = parser.get_http_version()
+        req.keep_alive = parser.should_keep_alive()
+        raw = req.headers.get(b"content-length")
+        if raw is not None:
+            try:
+                req.length = int(raw)
+            except ValueError:
+                raise HttpError(400, f"Content-Length {raw[:32]!r} is not a number") from None
+            if req.length > self.w.max_body_bytes:
+                raise HttpError(413, too_large(req.length, self.w.max_body_bytes))
+        if req.headers.get(b"expect", b"").lower() == b"100-continue" and self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits 1 s for this on big bodies
+
+    def on_body(self, body: bytes) -> None:
+        req = self.req
+        assert req is not None
+        req.size += len(body)
+        if req.size > self.w.max_body_bytes:
+            raise HttpError(413, too_large(req.length, self.w.max_body_bytes))
+        req.body.append(body)
+
+    def on_message_complete(self) -> None:
+        req = self.req
+        assert req is not None
+        self.req = None
+        self.w.batcher.request_arrived()
+        self.queue.append(req)
+        if len(self.queue) > MAX_PIPELINED and self.transport is not None and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+        if not self.busy:
+            self.next()
+
+    # answering
+    def next(self) -> None:
+        if self.queue and not self.busy and self.transport is not None:
+            self.busy = True
+            self.w.handle(self, self.queue.popleft())
+        if self.paused and len(self.queue) <= MAX_PIPELINED // 2 and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def respond(self, req: Request, status: str, headers: list[tuple[str, str]] | str, body: bytes) -> bool:
+        """Write one answer (headers and body in one write); returns whether the connection stays open."""
+        w = self.w
+        self.served += 1
+        keep = req.keep_alive and not w.stopping and not (w.keepalive_requests and self.served >= w.keepalive_requests)
+        head = headers if isinstance(headers, str) else "".join(f"{k}: {v}\r\n" for k, v in headers)
+        data = (
+            f"HTTP/1.1 {status}\r\nServer: dlstack\r\nDate: {_http_date()}\r\n{head}"
+            f"Connection: {'keep-alive' if keep else 'close'}\r\n\r\n"
+        ).encode("latin-1")
+        transport = self.transport
+        if transport is not None:
+            transport.write(data if req.method == b"HEAD" else data + body)
+            if not keep:
+                transport.close()
+        self.busy = False
+        self.idle_since = time.monotonic()
+        if keep:
+            self.next()
+        return keep
+
+    def fail(self, status: int, message: str) -> None:
+        """Answer a request the parser rejected, then close: the rest of the stream cannot be trusted."""
+        req = self.req or Request()
+        if self.req is not None:
+            self.req = None
+            self.w.batcher.request_arrived()
+        self.queue.clear()
+        req.keep_alive = False
+        if self.busy:  # an earlier pipelined request is still being answered: its answer cannot come after ours
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self.busy = True
+        rid = req.header(b"x-request-id")
+        if not rid or len(rid) > 200:
+            rid = os.urandom(16).hex()
+        self.w.inflight += 1
+        self.w.finish(self, req, rid, "other", Reply(_error_body(message), status), message, "HttpError")
+
+    @property
+    def idle(self) -> bool:
+        return not self.busy and self.req is None and not self.queue
+
+
+def _error_body(message: str) -> bytes:
+    import orjson
+
+    return orjson.dumps({"error": message})
+
+
+_date: tuple[int, str] = (-1, "")
+
+
+def _http_date() -> str:
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, util.http_date(now))
+    return _date[1]
+
+
+class EventLoopWorker(Worker):
+    """gunicorn worker class ``services.server.worker.EventLoopWorker`` (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # gunicorn_conf validated DLSTACK_KEEPALIVE_REQUESTS (an int >= 0; 0 = no limit)
+        self.keepalive_requests = int(os.environ.get("DLSTACK_KEEPALIVE_REQUESTS") or KEEPALIVE_REQUESTS)
+        self.drain_seconds = float(os.environ.get("DLSTACK_DRAIN_SECONDS") or 0)
+        self.conns: set[HttpConnection] = set()
+        self.nr_conns = 0  # accepted, including those not yet set up by the loop
+        self.stopping = False
+        self.stop_deadline = 0.0
+        self.accepting = False
+        self.accept_paused_until = 0.0
+        self.limit_line = self.cfg.limit_request_line or 1 << 20
+        self.limit_fields = self.cfg.limit_request_fields or 1 << 10
+        self.limit_field_size = self.cfg.limit_request_field_size or 1 << 20
+        self.loop: asyncio.AbstractEventLoop = _new_loop()
+        asyncio.set_event_loop(self.loop)
+
+    # gunicorn hooks
+    def init_signals(self) -> None:
+        for s in self.SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
+        self.loop.add_signal_handler(signal.SIGTERM, self.handle_term)
+        self.loop.add_signal_handler(signal.SIGQUIT, self.handle_quick)
+        self.loop.add_signal_handler(signal.SIGINT, self.handle_quick)
+        signal.signal(signal.SIGUSR1, self.handle_usr1)
+        signal.signal(signal.SIGABRT, self.handle_abort)
+        signal.signal(signal.SIGWINCH, self.handle_winch)
+        signal.siginterrupt(signal.SIGUSR1, False)
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        app: Any = self.wsgi
+        self.server: ModelServer = app.extensions["dlstack"]
+        self.views = Views(self.server)
+        self.max_body_bytes = self.server.max_body_bytes
+        self.infer_thread = ThreadPoolExecutor(1, thread_name_prefix="dlstack-infer")
+        self.http_pool = ThreadPoolExecutor(max(1, self.cfg.threads), thread_name_prefix="dlstack-http")
+        s = self.server
+        self.batcher = LoopBatcher(
+            s.forward,
+            s.batcher.max_batch_size,
+            s.batcher.max_batch_time * 1000.0,
+            self.loop.call_soon,
+            self.loop.call_later,
+            self._run_forward,
+        )
+        n, v = s.name, s.version
+        self.routes: dict[tuple[bytes, bytes], tuple[str, Callable[[HttpConnection, Request, str], None]]] = {
+            (b"POST", f"/v2/models/{n}/infer".encode()): ("infer", self._infer),
+            (b"POST", f"/v2/models/{n}/versions/{v}/infer".encode()): ("infer", self._infer),
+            (b"POST", f"/v1/models/{n}:predict".encode()): ("v1_predict", self._infer),
+            (b"GET", b"/v2/health/live"): ("live", self._live),
+            (b"GET", b"/v2/health/ready"): ("ready", self._ready),
+        }
+        self.inflight = 0
+        self._inflight_reported = -1
+
+    def run(self) -> None:
+        for listener in self.sockets:
+            listener.sock.setblocking(False)
+        self._set_accepting(True)
+        self.loop.call_later(TICK_S, self._tick)
+        try:
+            self.loop.run_forever()
+        finally:
+            self.infer_thread.shutdown(wait=True)
+            self.http_pool.shutdown(wait=True)
+            self.server.metrics.inflight.set(0)
+            logs.flush()
+
+    # signals
+    def handle_term(self) -> None:
+        if lifecycle.draining():
+            return
+        lifecycle.start_draining()
+        self.log.info("SIGTERM: readiness is now 503; draining")
+        self.loop.call_later(max(self.drain_seconds, 0.0), self.begin_stop, "SIGTERM")
+
+    def handle_quick(self) -> None:
+        self.alive = False
+        self.cfg.worker_int(self)
+        self.loop.stop()
+
+    # accepting connections
+    def _set_accepting(self, on: bool) -> None:
+        if on == self.accepting:
+            return
+        self.accepting = on
+        for listener in self.sockets:
+            if on:
+                self.loop.add_reader(listener.sock.fileno(), self._accept, listener.sock)
+            else:
+                self.loop.remove_reader(listener.sock.fileno())
+
+    def _accept(self, sock: socket.socket) -> None:
+        """Accept one connection, then let a worker with fewer connections take the next ones first.
+
+        All workers poll the shared socket and the one already awake tends to win every race
+        (with gthread, one worker held 26-32 of wrk's 32 connections in 4 of 8 benchmark rounds):
+        a worker holding more than ``ACCEPT_FREE_CONNS`` stops polling for 1 ms per extra one.
+        """
+        try:
+            conn, _ = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # EMFILE and co: say so, back off, keep serving what we have
+            self.log.error("accept failed: %s", exc)
+            self._pause_accepting(0.5)
+            return
+        conn.setblocking(False)
+        if conn.family in (socket.AF_INET, socket.AF_INET6):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.nr_conns += 1
+        self.loop.create_task(self.loop.connect_accepted_socket(lambda: HttpConnection(self), conn))
+        extra = self.nr_conns - ACCEPT_FREE_CONNS
+        if self.nr_conns >= self.cfg.worker_connections:
+            self._pause_accepting(0.05)
+        elif extra > 0:
+            self._pause_accepting(extra * ACCEPT_DELAY_PER_CONN_S)
+
+    def _pause_accepting(self, seconds: float) -> None:
+        self._set_accepting(False)
+        self.accept_paused_until = time.monotonic() + seconds
+        self.loop.call_later(seconds, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        if self.stopping or self.accepting:
+            return
+        left = self.accept_paused_until - time.monotonic()
+        if left > 0:  # the loop's timer clock may run a little ahead of time.monotonic()
+            self.loop.call_later(left, self._resume_accepting)
+            return
+        if self.nr_conns >= self.cfg.worker_connections:
+            self._pause_accepting(0.05)
+            return
+        self._set_accepting(True)
+
+    # housekeeping
+    def _tick(self) -> None:
+        self.notify()
+        if self.inflight != self._inflight_reported:
+            self._inflight_reported = self.inflight
+            self.server.metrics.inflight.set(self.inflight)
+        now = time.monotonic()
+        if not self.stopping:
+            if self.ppid != os.getppid():
+                self.log.info("Parent changed, shutting down: %s", self)
+                self.begin_stop("parent changed")
+            elif not self.alive:  # gunicorn's reloader or a handler said stop
+                self.begin_stop("stop requested")
+            keepalive = self.cfg.keepalive
+            for c in [c for c in self.conns if c.idle and now - c.idle_since > keepalive]:
+                if c.transport is not None:
+                    c.transport.close()
+        else:
+            for c in [c for c in self.conns if c.idle]:
+                if c.transport is not None:
+                    c.transport.close()
+            if (not self.conns and self.inflight == 0) or now >= self.stop_deadline:
+                if self.conns:
+                    self.log.warning(
+                        "graceful timeout: closing %d connection(s) with requests in progress", len(self.conns)
+                    )
+                self.loop.stop()
+                return
+        self.loop.call_later(TICK_S, self._tick)
+
+    def begin_stop(self, why: str) -> None:
+        """Stop accepting and close idle connections; the loop ends when the last request is answered."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.alive = False
+        self.stop_deadline = time.monotonic() + self.cfg.graceful_timeout
+        self._set_accepting(False)
+        self.log.info(
+            "worker stopping (%s): %d connection(s) open, %d request(s) in flight", why, len(self.conns), self.inflight
+        )
+        for c in list(self.conns):
+            if c.idle and c.transport is not None:
+                c.transport.close()
+
+    # requests
+    def handle(self, conn: HttpConnection, req: Request) -> None:
+        path = req.url.partition(b"?")[0]
+        route = self.routes.get((req.method, path))
+        if route is None:
+            self._wsgi(conn, req)
+            return
+        rid = req.header(b"x-request-id")
+        if not rid or len(rid) > 200:
+            rid = os.urandom(16).hex()
+        self.inflight += 1
+        route[1](conn, req, rid)
+
+    def finish(
+        self,
+        conn: HttpConnection,
+        req: Request,
+        rid: str,
+        route: str,
+        reply: Reply,
+        error: str | None = None,
+        error_type: str | None = None,
+    ) -> None:
+        """Answer, count and log one request of a loop route (the WSGI routes do this in ``AccessLog``)."""
+        head = f"Content-Type: {reply.content_type}\r\nContent-Length: {len(reply.body)}\r\nX-Request-ID: {rid}\r\n"
+        if reply.headers:
+            head += "".join(f"{k}: {v}\r\n" for k, v in reply.headers)
+        conn.respond(req, _STATUS[reply.status], head, reply.body)
+        self.inflight -= 1
+        elapsed = time.perf_counter_ns() - req.t0
+        m = self.server.metrics
+        m.request(route, reply.status, elapsed / 1e9)
+        path = req.url.partition(b"?")[0].decode("latin-1")
+        logs.access(
+            model=m.model,
+            version=m.version,
+            request_id=rid,
+            method=req.method.decode("latin-1"),
+            path=path,
+            status=reply.status,
+            duration_ns=elapsed,
+            error=error,
+            error_type=error_type,
+        )
+        self._count()
+
+    def _count(self) -> None:
+        self.nr += 1
+        if self.nr >= self.max_requests and not self.stopping:
+            self.log.info("Autorestarting worker after current request.")
+            self.begin_stop("max_requests")
+
+    def _reply(
+        self, conn: HttpConnection, req: Request, rid: str, route: str, reply: Reply, env: dict[str, Any]
+    ) -> None:
+        err = env.get("dlstack.error")
+        self.finish(conn, req, rid, route, reply, err[0] if err else None, err[1] if err else None)
+
+    def _live(self, conn: HttpConnection, req: Request, rid: str) -> None:
+        self.finish(conn, req, rid, "live", self.views.live())
+
+    def _ready(self, conn: HttpConnection, req: Request, rid: str) -> None:
+        self.finish(conn, req, rid, "ready", self.views.ready())
+
+    def _infer(self, conn: HttpConnection, req: Request, rid: str) -> None:
+        s = self.server
+        v1 = req.url.startswith(b"/v1/")
+        route = "v1_predict" if v1 else "infer"
+        if not s.loaded.is_set():  # the WSGI view waits for the load in a pool thread
+            self.inflight -= 1
+            self._wsgi(conn, req)
+            return
+        env: dict[str, Any] = {"dlstack.request_id": rid}
+        request: InferRequest | None = None
+        try:
+            sig = s.require_ready()
+            body = check_body(req.header(b"content-type") or "", b"".join(req.body), s.max_body_bytes)
+            if v1:
+                inputs = sig.decode_v1(body)
+            else:
+                request = sig.decode(body, req.header(b"inference-header-content-length"))
+                inputs = request.inputs
+        except Exception as exc:
+            self._reply(conn, req, rid, route, error_reply(exc, env), env)
+            return
+
+        def done(outputs: Tensors | None, error: BaseException | None) -> None:
+            try:
+                if error is not None:
+                    raise error
+                assert outputs is not None
+                reply = infer_reply(sig, request, outputs) if request is not None else Reply(sig.encode_v1(outputs))
+            except Exception as exc:
+                reply = error_reply(exc, env)
+            self._reply(conn, req, rid, route, reply, env)
+
+        self.batcher.submit(inputs, done)
+
+    def _run_forward(self, work: Callable[[], None], then: Callable[[], None]) -> None:
+        loop = self.loop
+        fut = self.infer_thread.submit(work)
+        fut.add_done_callback(lambda _: loop.call_soon_threadsafe(then))
+
+    # everything else: the Flask app, in the HTTP thread pool
+    def _wsgi(self, conn: HttpConnection, req: Request) -> None:
+        environ = self._environ(conn, req)
+        environ["dlstack.worker"] = self
+        self.inflight += 1
+        fut = self.http_pool.submit(self._call_app, environ)
+        loop = self.loop
+        fut.add_done_callback(lambda f: loop.call_soon_threadsafe(self._wsgi_done, conn, req, f))
+
+    def _wsgi_done(
+        self, conn: HttpConnection, req: Request, fut: Future[tuple[str, list[tuple[str, str]], bytes]]
+    ) -> None:
+        try:
+            status, headers, body = fut.result()
+        except Exception as exc:  # AccessLog answers every error itself: this is a bug in the bridge
+            self.log.exception("WSGI app failed: %s", exc)
+            status, headers, body = _STATUS[500], [("Content-Type", JSON)], _error_body("internal error")
+        out = [(k, v) for k, v in headers if k.lower() not in _HOP_BY_HOP]
+        if not any(k.lower() == "content-length" for k, _ in out):
+            out.append(("Content-Length", str(len(body))))
+        conn.respond(req, status, out, body)
+        self.inflight -= 1
+        self._count()
+
+    def _call_app(self, environ: dict[str, Any]) -> WsgiAnswer:
+        state: list[Any] = []
+
+        def start_response(
+            status: str, headers: list[tuple[str, str]], exc_info: Any = None
+        ) -> Callable[[bytes], None]:
+            if exc_info and state:
+                raise exc_info[1].with_traceback(exc_info[2])
+            state[:] = [status, headers]
+            return chunks.append
+
+        chunks: list[bytes] = []
+        result = self.wsgi(environ, start_response)
+        try:
+            chunks.extend(result)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        return state[0], state[1], b"".join(chunks)
+
+    def _environ(self, conn: HttpConnection, req: Request) -> dict[str, Any]:
+        path, _, query = req.url.partition(b"?")
+        from urllib.parse import unquote_to_bytes
+
+        environ: dict[str, Any] = {
+            "REQUEST_METHOD": req.method.decode("latin-1"),
+            "SCRIPT_NAME": "",
+            "PATH_INFO": unquote_to_bytes(path).decode("latin-1"),
+            "QUERY_STRING": query.decode("latin-1"),
+            "SERVER_PROTOCOL": f"HTTP/{req.version}",
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": "http",
+            "wsgi.input": io.BytesIO(b"".join(req.body)),
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": self.cfg.workers > 1,
+            "wsgi.run_once": False,
+            "RAW_URI": req.url.decode("latin-1"),
+        }
+        sockname = conn.transport.get_extra_info("sockname") if conn.transport else None
+        peer = conn.transport.get_extra_info("peername") if conn.transport else None
+        if isinstance(sockname, tuple):
+            environ["SERVER_NAME"], environ["SERVER_PORT"] = str(sockname[0]), str(sockname[1])
+        else:
+            environ["SERVER_NAME"], environ["SERVER_PORT"] = "localhost", "80"
+        if isinstance(peer, tuple):
+            environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = str(peer[0]), str(peer[1])
+        for name, value in req.headers.items():
+            key = name.decode("latin-1").upper().replace("-", "_")
+            if key == "CONTENT_TYPE" or key == "CONTENT_LENGTH":
+                environ[key] = value.decode("latin-1")
+            else:
+                environ["HTTP_" + key] = value.decode("latin-1")
+        if "CONTENT_LENGTH" not in environ and req.body:
+            environ["CONTENT_LENGTH"] = str(req.size)
+        return environ
+
+
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "date", "server"}
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is pinned; plain asyncio works, only slower
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
