@@ -108,7 +108,9 @@ preload_app = False  # load the model after fork, in each worker
 timeout = _int("DLSTACK_TIMEOUT", 60)  # s a worker may stay silent before the master kills it
 graceful_timeout = _int("DLSTACK_GRACEFUL_TIMEOUT", 25)  # s for in-flight requests after SIGTERM (+ drain)
 keepalive = _int("DLSTACK_KEEPALIVE", 75)  # s; longer than typical load balancer idle timeouts (60 s)
-max_requests = _int("DLSTACK_MAX_REQUESTS", 100_000)  # recycle workers to bound slow leaks; 0 = never
+# Recycle workers to bound slow leaks; 0 = never. A worker answers ~5,000 small requests/s: 100,000 meant a
+# restart (and a model load) every 20 s under load.
+max_requests = _int("DLSTACK_MAX_REQUESTS", 1_000_000)
 max_requests_jitter = max_requests // 10  # spread the recycling so workers never restart together
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # heartbeat off overlayfs disk
 accesslog = None  # the app writes one ECS access line per request

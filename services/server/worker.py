@@ -12,8 +12,9 @@ the model computes. Every other route goes to the Flask app (WSGI) in a pool of 
 threads, and so does inference while the model is still loading (it waits for the load there).
 
 SIGTERM: readiness turns 503 at once; after ``DLSTACK_DRAIN_SECONDS`` the worker stops
-accepting, closes idle kept-alive connections, finishes the requests it has (answering them
-with ``Connection: close``) and exits, within gunicorn's ``graceful_timeout``.
+accepting, answers the requests it has and the next one on each kept-alive connection with
+``Connection: close``, closes connections idle for ``STOP_IDLE_GRACE_S`` and exits, within
+gunicorn's ``graceful_timeout``. A ``max_requests`` recycle stops the same way, without the 503.
 """
 
 from __future__ import annotations
@@ -56,7 +57,11 @@ ACCEPT_DELAY_PER_CONN_S = 0.001  # s a worker stops accepting, per connection it
 TICK_S = 0.1  # s between housekeeping ticks: heartbeat, in-flight gauge, idle connections, stop progress
 Headers = list[tuple[str, str]]
 WsgiAnswer = tuple[str, Headers, bytes]  # status line, headers, body
-MAX_PIPELINED = 16  # requests queued on one connection before the worker stops reading it
+MAX_PIPELINED = 16
+# s a kept-alive connection of a stopping worker may stay idle before it is closed. A busy client's next
+# request gets its answer with "Connection: close" instead: closing at once raced requests already sent
+# (wrk counted 12 errors at each max_requests recycle).
+STOP_IDLE_GRACE_S = 0.5  # requests queued on one connection before the worker stops reading it
 
 
 class HttpError(DlstackError):
@@ -102,6 +107,7 @@ class HttpConnection(asyncio.Protocol):
         self.idle_since = time.monotonic()
         self.header_bytes = 0
         self.paused = False
+        self.must_close = False  # the stream after the current request is not ours to parse (an Upgrade)
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -126,7 +132,12 @@ class HttpConnection(asyncio.Protocol):
                 raise
             self.fail(exc.__context__.status, exc.__context__.message)
         except httptools.HttpParserUpgrade:
-            self.fail(400, "protocol upgrades (WebSocket, h2c) are not supported; send plain HTTP/1.1 requests")
+            # RFC 9110 lets a server ignore Upgrade: the request is answered as plain HTTP/1.1 (an h2c client
+            # carries on, a WebSocket client sees no 101), then the connection closes, as its bytes may no
+            # longer be HTTP.
+            self.must_close = True
+            if self.idle and self.transport is not None:
+                self.transport.close()
         except httptools.HttpParserError as exc:
             self.fail(400, f"malformed HTTP request ({exc}); send an HTTP/1.1 request")
         except Exception:  # a bug of ours: say so in the log, answer 500, keep the worker
@@ -165,6 +176,8 @@ class HttpConnection(asyncio.Protocol):
         req.method = parser.get_method()
         req.version = parser.get_http_version()
         req.keep_alive = parser.should_keep_alive()
+        if parser.should_upgrade():  # see data_received: answered as HTTP/1.1, then closed
+            self.must_close = True
         raw = req.headers.get(b"content-length")
         if raw is not None:
             try:
@@ -209,7 +222,12 @@ class HttpConnection(asyncio.Protocol):
         """Write one answer (headers and body in one write); returns whether the connection stays open."""
         w = self.w
         self.served += 1
-        keep = req.keep_alive and not w.stopping and not (w.keepalive_requests and self.served >= w.keepalive_requests)
+        keep = (
+            req.keep_alive
+            and not w.stopping
+            and not self.must_close
+            and not (w.keepalive_requests and self.served >= w.keepalive_requests)
+        )
         head = headers if isinstance(headers, str) else "".join(f"{k}: {v}\r\n" for k, v in headers)
         data = (
             f"HTTP/1.1 {status}\r\nServer: dlstack\r\nDate: {_http_date()}\r\n{head}"
@@ -425,7 +443,7 @@ class EventLoopWorker(Worker):
                 if c.transport is not None:
                     c.transport.close()
         else:
-            for c in [c for c in self.conns if c.idle]:
+            for c in [c for c in self.conns if c.idle and now - c.idle_since > STOP_IDLE_GRACE_S]:
                 if c.transport is not None:
                     c.transport.close()
             if (not self.conns and self.inflight == 0) or now >= self.stop_deadline:
@@ -438,7 +456,7 @@ class EventLoopWorker(Worker):
         self.loop.call_later(TICK_S, self._tick)
 
     def begin_stop(self, why: str) -> None:
-        """Stop accepting and close idle connections; the loop ends when the last request is answered."""
+        """Stop accepting; ``_tick`` closes idle connections and ends the loop when the last one is gone."""
         if self.stopping:
             return
         self.stopping = True
@@ -448,9 +466,6 @@ class EventLoopWorker(Worker):
         self.log.info(
             "worker stopping (%s): %d connection(s) open, %d request(s) in flight", why, len(self.conns), self.inflight
         )
-        for c in list(self.conns):
-            if c.idle and c.transport is not None:
-                c.transport.close()
 
     # requests
     def handle(self, conn: HttpConnection, req: Request) -> None:

@@ -1,0 +1,221 @@
+"""The event-loop gunicorn worker over raw sockets: framing, limits, pipelining, probes, recycling, balance."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import make_torch_mlp_artifact
+from tests.serving import ServerHandle, start_server
+
+BODY = {"inputs": [{"name": "input", "shape": [1, 8], "datatype": "FP32", "data": [0.5] * 8}]}
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
+    art = make_torch_mlp_artifact(tmp_path_factory.mktemp("worker") / "mlp")
+    with start_server(art, workers=2, extra_args=["--max-body-bytes", "4096"]) as s:
+        yield s
+
+
+def exchange(srv: ServerHandle, raw: bytes, timeout: float = 10) -> bytes:
+    """Send raw bytes, read until the server closes the connection (or ``timeout``)."""
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=timeout) as s:
+        s.sendall(raw)
+        chunks = []
+        try:
+            while data := s.recv(65536):
+                chunks.append(data)
+        except TimeoutError:
+            pass
+    return b"".join(chunks)
+
+
+def infer_request(rid: str, *, close: bool = False, body: bytes | None = None) -> bytes:
+    payload = body if body is not None else json.dumps(BODY).encode()
+    return (
+        f"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\nX-Request-ID: {rid}\r\n"
+        f"{'Connection: close' + chr(13) + chr(10) if close else ''}\r\n"
+    ).encode() + payload
+
+
+def responses(raw: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    """Split a byte stream of HTTP/1.1 responses (with Content-Length) into (status, headers, body)."""
+    out = []
+    while raw:
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+        if status == 100:
+            raw = rest
+            out.append((status, headers, b""))
+            continue
+        n = int(headers["content-length"])
+        out.append((status, headers, rest[:n]))
+        raw = rest[n:]
+    return out
+
+
+def test_pipelined_requests_are_answered_in_order(srv: ServerHandle) -> None:
+    raw = infer_request("p-1") + b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Request-ID: p-2\r\n\r\n"
+    raw += b"GET /v2 HTTP/1.1\r\nHost: x\r\nX-Request-ID: p-3\r\n\r\n" + infer_request("p-4", close=True)
+    got = responses(exchange(srv, raw))
+    assert [h["x-request-id"] for _, h, _ in got] == ["p-1", "p-2", "p-3", "p-4"]
+    assert [s for s, _, _ in got] == [200, 200, 200, 200]
+    assert json.loads(got[0][2])["outputs"][0]["shape"] == [1, 3]
+    assert json.loads(got[2][2])["extensions"] == ["binary_tensor_data"]
+    assert got[-1][1]["connection"] == "close"
+
+
+def test_expect_100_continue_is_answered_before_the_body(srv: ServerHandle) -> None:
+    payload = json.dumps(BODY).encode()
+    head = (
+        f"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+        s.sendall(head)
+        assert s.recv(1024).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second without it
+        s.sendall(payload)
+        rest = b""
+        while data := s.recv(65536):
+            rest += data
+    ((status, _, body),) = responses(rest)
+    assert status == 200 and json.loads(body)["outputs"][0]["shape"] == [1, 3]
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "needle"),
+    [
+        (b"GARBAGE\r\n\r\n", 400, "malformed HTTP request"),
+        (b"GET /v2 HTTP/1.1\r\nHost: x\r\nContent-Length: lots\r\n\r\n", 400, "malformed HTTP request"),
+        (b"GET /v2 HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", 431, "is over 8190 bytes"),
+        (
+            b"GET /v2 HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(120)) + b"\r\n",
+            431,
+            "more than 100 header fields",
+        ),
+        (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "URL is over 4094 bytes"),
+        (infer_request("big", body=b"[" + b"1," * 4096 + b"1]"), 413, "over the 4096-byte limit"),
+    ],
+)
+def test_bad_framing_gets_a_json_error_and_closes_without_hurting_the_worker(
+    srv: ServerHandle, raw: bytes, status: int, needle: str
+) -> None:
+    pids = srv.worker_pids()
+    got = responses(exchange(srv, raw))
+    assert len(got) == 1
+    code, headers, body = got[0]
+    assert code == status and needle in json.loads(body)["error"], (code, body)
+    assert headers["connection"] == "close" and headers["content-type"] == "application/json"
+    assert requests.get(f"{srv.url}/v2/health/live", timeout=10).status_code == 200
+    assert srv.worker_pids() == pids
+
+
+def test_upgrade_requests_are_answered_as_http_1_1_then_closed(srv: ServerHandle) -> None:
+    """RFC 9110 lets a server ignore Upgrade: an h2c client carries on, a WebSocket client sees no 101."""
+    raw = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    ((code, headers, body),) = responses(exchange(srv, raw))
+    assert code == 200 and body == b'{"live":true}' and headers["connection"] == "close"
+
+
+def test_chunked_bodies_are_read_and_limited(srv: ServerHandle) -> None:
+    payload = json.dumps(BODY).encode()
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in (payload[:20], payload[20:])) + b"0\r\n\r\n"
+    head = b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    ok = responses(exchange(srv, head + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunked))
+    assert ok[0][0] == 200 and json.loads(ok[0][2])["outputs"][0]["shape"] == [1, 3]
+    big = b"".join(b"400\r\n" + b"1" * 1024 + b"\r\n" for _ in range(5)) + b"0\r\n\r\n"
+    ((code, _, body),) = responses(exchange(srv, head + b"Transfer-Encoding: chunked\r\n\r\n" + big))
+    assert code == 413 and "over the 4096-byte limit" in json.loads(body)["error"]
+
+
+def test_head_gets_headers_without_a_body(srv: ServerHandle) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+    conn.request("HEAD", "/v2")
+    resp = conn.getresponse()
+    assert resp.status == 200 and int(resp.getheader("Content-Length") or 0) > 0 and resp.read() == b""
+    conn.request("GET", "/v2")  # the connection is still in sync
+    assert json.loads(conn.getresponse().read())["name"] == "dlstack-model-server"
+    conn.close()
+
+
+def test_probes_answer_while_a_long_forward_pass_runs(tmp_path: Path) -> None:
+    """The forward pass runs in the inference thread: the loop keeps answering liveness and readiness."""
+    art = make_torch_mlp_artifact(tmp_path / "slow", sizes=(8, 2048, 2048, 2048, 3))
+    rows = 6000
+    body = {"inputs": [{"name": "input", "shape": [rows, 8], "datatype": "FP32", "data": [0.25] * (rows * 8)}]}
+    with start_server(art, workers=1, extra_args=["--max-body-bytes", str(32 << 20)]) as s:
+        result: dict[str, object] = {}
+
+        def infer() -> None:
+            t0 = time.monotonic()
+            result["status"] = requests.post(f"{s.url}/v2/models/mlp/infer", json=body, timeout=120).status_code
+            result["seconds"] = time.monotonic() - t0
+
+        t = threading.Thread(target=infer)
+        t.start()
+        probes = []
+        while t.is_alive():
+            t0 = time.monotonic()
+            assert requests.get(f"{s.url}/v2/health/live", timeout=10).status_code == 200
+            probes.append(time.monotonic() - t0)
+            time.sleep(0.05)
+        t.join()
+    assert result["status"] == 200
+    assert float(result["seconds"]) > 0.5, f"the forward pass took only {result['seconds']} s: make the model bigger"  # type: ignore[arg-type]
+    assert len(probes) >= 3 and max(probes) < 0.5, f"liveness waited for the model: {probes}"
+
+
+def test_idle_kept_alive_connections_are_closed_after_keepalive_seconds(tmp_path: Path) -> None:
+    art = make_torch_mlp_artifact(tmp_path / "m")
+    with (
+        start_server(art, workers=1, env={"DLSTACK_KEEPALIVE": "1"}) as s,
+        socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock,
+    ):
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b'{"live":true}' in sock.recv(4096)
+        t0 = time.monotonic()
+        assert sock.recv(4096) == b""  # closed by the server, not by our timeout
+        waited = time.monotonic() - t0
+    assert 0.8 < waited < 5, waited
+
+
+def test_max_requests_recycles_workers_without_failing_requests(tmp_path: Path) -> None:
+    art = make_torch_mlp_artifact(tmp_path / "m")
+    with start_server(art, workers=2, env={"DLSTACK_MAX_REQUESTS": "20"}) as s:
+        before = s.worker_pids()
+        codes = [requests.post(f"{s.url}/v2/models/mlp/infer", json=BODY, timeout=30).status_code for _ in range(120)]
+        deadline = time.monotonic() + 20
+        while not (s.worker_pids() - before) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        after = s.worker_pids()
+    assert codes == [200] * 120
+    assert after - before, "no worker was replaced after max_requests"
+
+
+def test_connections_are_spread_over_the_workers(tmp_path: Path) -> None:
+    """One worker must not take every connection of a burst (the one already awake wins accept races)."""
+    art = make_torch_mlp_artifact(tmp_path / "m")
+    with start_server(art, workers=2) as s:
+        conns = [http.client.HTTPConnection("127.0.0.1", s.port, timeout=10) for _ in range(16)]
+        for i, c in enumerate(conns):
+            c.request("GET", "/v2/health/live", headers={"X-Request-ID": f"spread-{i}"})
+        for c in conns:
+            assert c.getresponse().read() == b'{"live":true}'
+            c.close()
+        lines = [d for d in s.access_lines(at_least=16) if d["http"]["request"]["id"].startswith("spread-")]
+    per_worker: dict[int, int] = {}
+    for d in lines:
+        per_worker[d["process"]["pid"]] = per_worker.get(d["process"]["pid"], 0) + 1
+    assert len(lines) == 16 and len(per_worker) == 2 and min(per_worker.values()) >= 4, per_worker
