@@ -428,9 +428,7 @@ class EventLoopWorker(Worker):
     # housekeeping
     def _tick(self) -> None:
         self.notify()
-        if self.inflight != self._inflight_reported:
-            self._inflight_reported = self.inflight
-            self.server.metrics.inflight.set(self.inflight)
+        self._report_inflight()
         now = time.monotonic()
         if not self.stopping:
             if self.ppid != os.getppid():
@@ -454,6 +452,12 @@ class EventLoopWorker(Worker):
                 self.loop.stop()
                 return
         self.loop.call_later(TICK_S, self._tick)
+
+    def _report_inflight(self) -> None:
+        """The in-flight gauge is sampled (each tick, and per Flask-route request), not written twice per request."""
+        if self.inflight != self._inflight_reported:
+            self._inflight_reported = self.inflight
+            self.server.metrics.inflight.set(self.inflight)
 
     def begin_stop(self, why: str) -> None:
         """Stop accepting; ``_tick`` closes idle connections and ends the loop when the last one is gone."""
@@ -575,6 +579,7 @@ class EventLoopWorker(Worker):
         environ = self._environ(conn, req)
         environ["dlstack.worker"] = self
         self.inflight += 1
+        self._report_inflight()  # now, not at the next tick: a /metrics scrape counts itself
         fut = self.http_pool.submit(self._call_app, environ)
         loop = self.loop
         fut.add_done_callback(lambda f: loop.call_soon_threadsafe(self._wsgi_done, conn, req, f))
