@@ -454,7 +454,8 @@ class EventLoopWorker(Worker):
         self.loop.call_later(TICK_S, self._tick)
 
     def _report_inflight(self) -> None:
-        """The in-flight gauge is sampled (each tick, and per Flask-route request), not written twice per request."""
+        """The in-flight gauge is written each tick, when a Flask route starts and when the worker turns idle,
+        not twice per request."""
         if self.inflight != self._inflight_reported:
             self._inflight_reported = self.inflight
             self.server.metrics.inflight.set(self.inflight)
@@ -500,6 +501,8 @@ class EventLoopWorker(Worker):
             head += "".join(f"{k}: {v}\r\n" for k, v in reply.headers)
         conn.respond(req, _STATUS[reply.status], head, reply.body)
         self.inflight -= 1
+        if self.inflight == 0:  # idle is exact at once; busy is sampled
+            self._report_inflight()
         elapsed = time.perf_counter_ns() - req.t0
         m = self.server.metrics
         m.request(route, reply.status, elapsed / 1e9)
@@ -597,6 +600,8 @@ class EventLoopWorker(Worker):
             out.append(("Content-Length", str(len(body))))
         conn.respond(req, status, out, body)
         self.inflight -= 1
+        if self.inflight == 0:
+            self._report_inflight()
         self._count()
 
     def _call_app(self, environ: dict[str, Any]) -> WsgiAnswer:
