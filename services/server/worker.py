@@ -495,30 +495,33 @@ class EventLoopWorker(Worker):
         error: str | None = None,
         error_type: str | None = None,
     ) -> None:
-        """Answer, count and log one request of a loop route (the WSGI routes do this in ``AccessLog``)."""
-        head = f"Content-Type: {reply.content_type}\r\nContent-Length: {len(reply.body)}\r\nX-Request-ID: {rid}\r\n"
-        if reply.headers:
-            head += "".join(f"{k}: {v}\r\n" for k, v in reply.headers)
-        conn.respond(req, _STATUS[reply.status], head, reply.body)
+        """Count, log and answer one request of a loop route (the WSGI routes count and log in ``AccessLog``).
+
+        Metrics and the access line come first: a client that scrapes ``/metrics`` right after its
+        last answer must find that answer counted.
+        """
         self.inflight -= 1
-        if self.inflight == 0:  # idle is exact at once; busy is sampled
+        if self.inflight == 0:  # idle is exact; busy is sampled
             self._report_inflight()
         elapsed = time.perf_counter_ns() - req.t0
         m = self.server.metrics
         m.request(route, reply.status, elapsed / 1e9)
-        path = req.url.partition(b"?")[0].decode("latin-1")
         logs.access(
             model=m.model,
             version=m.version,
             request_id=rid,
             method=req.method.decode("latin-1"),
-            path=path,
+            path=req.url.partition(b"?")[0].decode("latin-1"),
             status=reply.status,
             duration_ns=elapsed,
             error=error,
             error_type=error_type,
         )
+        head = f"Content-Type: {reply.content_type}\r\nContent-Length: {len(reply.body)}\r\nX-Request-ID: {rid}\r\n"
+        if reply.headers:
+            head += "".join(f"{k}: {v}\r\n" for k, v in reply.headers)
         self._count()
+        conn.respond(req, _STATUS[reply.status], head, reply.body)
 
     def _count(self) -> None:
         self.nr += 1
@@ -598,11 +601,11 @@ class EventLoopWorker(Worker):
         out = [(k, v) for k, v in headers if k.lower() not in _HOP_BY_HOP]
         if not any(k.lower() == "content-length" for k, _ in out):
             out.append(("Content-Length", str(len(body))))
-        conn.respond(req, status, out, body)
         self.inflight -= 1
         if self.inflight == 0:
             self._report_inflight()
         self._count()
+        conn.respond(req, status, out, body)
 
     def _call_app(self, environ: dict[str, Any]) -> WsgiAnswer:
         state: list[Any] = []
