@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
+import os
 import socket
 import threading
 import time
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from services.server.worker import EventLoopWorker, HttpConnection
 from tests.conftest import make_torch_mlp_artifact
 from tests.serving import ServerHandle, start_server
 
@@ -225,3 +228,95 @@ def test_connections_are_spread_over_the_workers(tmp_path: Path) -> None:
         per_worker[d["process"]["pid"]] = per_worker.get(d["process"]["pid"], 0) + 1
     # Balance is best effort (a worker descheduled by other load accepts less), but never all-or-nothing.
     assert len(lines) == 16 and len(per_worker) == 2 and min(per_worker.values()) >= 2, per_worker
+
+
+class RecordingTransport(asyncio.Transport):
+    """Collects what the server writes; the only stand-in here, for the socket."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.out += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+@pytest.fixture
+def worker(tmp_path: Path) -> Iterator[EventLoopWorker]:
+    """A real EventLoopWorker around a real app and model, outside gunicorn's master (no sockets)."""
+    from gunicorn import glogging
+    from gunicorn.config import Config
+
+    from services.server.app import create_app
+    from services.server.config import ServerConfig
+
+    art = make_torch_mlp_artifact(tmp_path / "mlp")
+
+    class App:  # what gunicorn's Application hands a worker
+        def wsgi(self) -> object:
+            return create_app(ServerConfig(artifact_dir=art), background_load=False)
+
+    cfg = Config()
+    w = EventLoopWorker(0, os.getpid(), [], App(), 30, cfg, glogging.Logger(cfg))
+    w.load_wsgi()
+    yield w
+    w.infer_thread.shutdown()
+    w.http_pool.shutdown()
+    w.loop.close()
+    w.tmp.close()
+
+
+def connect(worker: EventLoopWorker) -> tuple[HttpConnection, RecordingTransport]:
+    conn, transport = HttpConnection(worker), RecordingTransport()
+    worker.nr_conns += 1
+    conn.connection_made(transport)
+    return conn, transport
+
+
+def test_a_bug_in_a_route_is_a_500_with_the_request_id_and_the_connection_lives(
+    worker: EventLoopWorker, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken() -> object:
+        raise RuntimeError("bug in live")
+
+    monkeypatch.setattr(worker.views, "live", broken)
+    conn, transport = connect(worker)
+    conn.data_received(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Request-ID: bug-1\r\n\r\n")
+    ((code, headers, body),) = responses(bytes(transport.out))
+    assert code == 500 and json.loads(body) == {
+        "error": "internal error (request id bug-1); the server log has the details",
+        "request_id": "bug-1",
+    }
+    assert headers["connection"] == "keep-alive" and not transport.closed
+    monkeypatch.undo()
+    transport.out.clear()
+    conn.data_received(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert responses(bytes(transport.out))[0][2] == b'{"live":true}'
+    assert worker.inflight == 0
+
+
+def test_a_bug_while_reading_a_request_is_a_500_and_closes(
+    worker: EventLoopWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker, "limit_fields", None)  # on_header now fails comparing None >= int
+    conn, transport = connect(worker)
+    conn.data_received(b"GET /v2 HTTP/1.1\r\nHost: x\r\nX-Request-ID: bug-2\r\n\r\n")
+    ((code, headers, body),) = responses(bytes(transport.out))
+    # it failed on the first header, before X-Request-ID: the answer carries the id it generated
+    assert code == 500 and json.loads(body)["request_id"] == headers["x-request-id"] != "bug-2"
+    assert "internal error while reading the request" in json.loads(body)["error"]
+    assert headers["connection"] == "close" and transport.closed
+    assert worker.inflight == 0 and worker.batcher.arriving == 0

@@ -32,6 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import httptools
+import orjson
 from gunicorn import util
 from gunicorn.workers.base import Worker
 
@@ -105,7 +106,6 @@ class HttpConnection(asyncio.Protocol):
         self.busy = False  # a request of this connection is being answered
         self.served = 0
         self.idle_since = time.monotonic()
-        self.header_bytes = 0
         self.paused = False
         self.must_close = False  # the stream after the current request is not ours to parse (an Upgrade)
 
@@ -128,9 +128,11 @@ class HttpConnection(asyncio.Protocol):
         except HttpError as exc:
             self.fail(exc.status, exc.message)
         except httptools.HttpParserCallbackError as exc:  # httptools wraps what a callback raised
-            if not isinstance(exc.__context__, HttpError):
-                raise
-            self.fail(exc.__context__.status, exc.__context__.message)
+            cause = exc.__context__
+            if isinstance(cause, HttpError):
+                self.fail(cause.status, cause.message)
+            else:
+                self._internal_error(cause or exc)
         except httptools.HttpParserUpgrade:
             # RFC 9110 lets a server ignore Upgrade: the request is answered as plain HTTP/1.1 (an h2c client
             # carries on, a WebSocket client sees no 101), then the connection closes, as its bytes may no
@@ -140,14 +142,17 @@ class HttpConnection(asyncio.Protocol):
                 self.transport.close()
         except httptools.HttpParserError as exc:
             self.fail(400, f"malformed HTTP request ({exc}); send an HTTP/1.1 request")
-        except Exception:  # a bug of ours: say so in the log, answer 500, keep the worker
-            self.w.log.exception("unhandled error while reading a request")
-            self.fail(500, "internal error while reading the request; the server log has the details")
+        except Exception as exc:
+            self._internal_error(exc)
+
+    def _internal_error(self, exc: BaseException) -> None:
+        """A bug of ours while reading a request: the log gets the traceback, the client a 500, the worker lives."""
+        self.w.log.error("unhandled error while reading a request", exc_info=exc)
+        self.fail(500, "internal error while reading the request; the server log has the details")
 
     # httptools callbacks
     def on_message_begin(self) -> None:
         self.req = Request()
-        self.header_bytes = 0
         self.w.batcher.arriving += 1
 
     def on_url(self, url: bytes) -> None:
@@ -160,7 +165,6 @@ class HttpConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.req
         assert req is not None
-        self.header_bytes += len(name) + len(value)
         if len(name) + len(value) > self.w.limit_field_size:
             raise HttpError(431, f"header {name[:64].decode('latin-1')!r} is over {self.w.limit_field_size} bytes")
         if len(req.headers) >= self.w.limit_fields:
@@ -261,17 +265,16 @@ class HttpConnection(asyncio.Protocol):
         if not rid or len(rid) > 200:
             rid = os.urandom(16).hex()
         self.w.inflight += 1
-        self.w.finish(self, req, rid, "other", Reply(_error_body(message), status), message, "HttpError")
+        body = _error_body(message, rid if status >= 500 else None)
+        self.w.finish(self, req, rid, "other", Reply(body, status), message, "HttpError")
 
     @property
     def idle(self) -> bool:
         return not self.busy and self.req is None and not self.queue
 
 
-def _error_body(message: str) -> bytes:
-    import orjson
-
-    return orjson.dumps({"error": message})
+def _error_body(message: str, request_id: str | None = None) -> bytes:
+    return orjson.dumps({"error": message} if request_id is None else {"error": message, "request_id": request_id})
 
 
 _date: tuple[int, str] = (-1, "")
@@ -401,12 +404,17 @@ class EventLoopWorker(Worker):
         if conn.family in (socket.AF_INET, socket.AF_INET6):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.nr_conns += 1
-        self.loop.create_task(self.loop.connect_accepted_socket(lambda: HttpConnection(self), conn))
+        task = self.loop.create_task(self.loop.connect_accepted_socket(lambda: HttpConnection(self), conn))
+        task.add_done_callback(self._connected)
         extra = self.nr_conns - ACCEPT_FREE_CONNS
         if self.nr_conns >= self.cfg.worker_connections:
             self._pause_accepting(0.05)
         elif extra > 0:
             self._pause_accepting(extra * ACCEPT_DELAY_PER_CONN_S)
+
+    def _connected(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled() or task.exception() is not None:  # gone before set-up: never counted down
+            self.nr_conns -= 1
 
     def _pause_accepting(self, seconds: float) -> None:
         self._set_accepting(False)
@@ -483,7 +491,11 @@ class EventLoopWorker(Worker):
         if not rid or len(rid) > 200:
             rid = os.urandom(16).hex()
         self.inflight += 1
-        route[1](conn, req, rid)
+        try:
+            route[1](conn, req, rid)
+        except Exception as exc:  # a bug of ours, before any answer was written: logged, 500 with the id
+            env: dict[str, Any] = {"dlstack.request_id": rid}
+            self._reply(conn, req, rid, route[0], error_reply(exc, env), env)
 
     def finish(
         self,
