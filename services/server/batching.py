@@ -1,6 +1,10 @@
 """Adaptive batching inside one worker: concurrent requests share one forward pass.
 
-No batching thread: the first request of a batch (the leader) runs it in its own thread.
+Two front ends, same rules: ``LoopBatcher`` serves the event-loop worker's inference routes;
+``Batcher`` serves the Flask views, which run in threads (the Flask test client, another WSGI
+server, and requests that arrive while the model is still loading).
+
+``Batcher`` has no batching thread: the first request of a batch (the leader) runs it in its own thread.
 Batched forward passes run one at a time; while one runs, the next batch fills for free.
 When the model is idle the leader waits at most ``max_batch_time``, and only while more
 requests are on their way (``arriving`` counts requests between ``begin()`` and ``submit()``),
