@@ -305,8 +305,7 @@ class EventLoopWorker(Worker):
         self.limit_line = self.cfg.limit_request_line or 1 << 20
         self.limit_fields = self.cfg.limit_request_fields or 1 << 10
         self.limit_field_size = self.cfg.limit_request_field_size or 1 << 20
-        self.loop: asyncio.AbstractEventLoop = _new_loop()
-        asyncio.set_event_loop(self.loop)
+        self.loop: asyncio.AbstractEventLoop = _new_loop()  # made current in run(), in the worker process only
 
     # gunicorn hooks
     def init_signals(self) -> None:
@@ -349,6 +348,7 @@ class EventLoopWorker(Worker):
         self._inflight_reported = -1
 
     def run(self) -> None:
+        asyncio.set_event_loop(self.loop)
         for listener in self.sockets:
             listener.sock.setblocking(False)
         self._set_accepting(True)
