@@ -53,16 +53,20 @@ def test_concurrent_requests_share_one_forward_pass() -> None:
         assert np.array_equal(o["x_out"], r["x"] * 2 + 1)
 
 
+# Requests that must never share a forward pass: each differs from the first in one way.
+KINDS: list[Callable[[int], Tensors]] = [
+    lambda i: {"x": np.full((1, 4), i, np.float32)},
+    lambda i: {"x": np.full((2, 5), i, np.float32)},  # other trailing shape
+    lambda i: {"x": np.full((1, 4), i, np.float64)},  # other dtype
+    lambda i: {"z": np.full((1, 4), i, np.float32)},  # other input name
+    lambda i: {"x": np.full((1, 4), i, np.float32), "z": np.full((1, 4), -i, np.float32)},  # other name set
+]
+
+
 def test_incompatible_requests_are_never_mixed() -> None:
     rec = Recorder(delay=0.01)
     b = Batcher(rec, max_batch_size=64, max_batch_time_ms=200)
-    kinds = [
-        lambda i: {"x": np.full((1, 4), i, np.float32)},
-        lambda i: {"x": np.full((2, 5), i, np.float32)},  # other trailing shape
-        lambda i: {"x": np.full((1, 4), i, np.float64)},  # other dtype
-        lambda i: {"z": np.full((1, 4), i, np.float32)},  # other input name
-        lambda i: {"x": np.full((1, 4), i, np.float32), "z": np.full((1, 4), -i, np.float32)},  # other name set
-    ]
+    kinds = KINDS
     reqs = [kinds[i % len(kinds)](i) for i in range(40)]
     outs = run_concurrently(b, reqs)
     for call in rec.calls:
@@ -217,13 +221,7 @@ def test_loop_batcher_stacks_what_arrives_in_one_loop_pass() -> None:
 def test_loop_batcher_never_mixes_keys_respects_the_limit_and_keeps_order() -> None:
     rec = Recorder(delay=0.002)
     h = LoopHarness(rec, max_batch_size=4, max_batch_time_ms=0)
-    kinds = [
-        lambda i: {"x": np.full((1, 4), i, np.float32)},
-        lambda i: {"x": np.full((2, 5), i, np.float32)},  # other trailing shape
-        lambda i: {"x": np.full((1, 4), i, np.float64)},  # other dtype
-        lambda i: {"z": np.full((1, 4), i, np.float32)},  # other input name
-    ]
-    reqs = [kinds[i % len(kinds)](i) for i in range(24)] + [{"x": np.ones((9, 4), np.float32)}]
+    reqs = [KINDS[i % len(KINDS)](i) for i in range(30)] + [{"x": np.ones((9, 4), np.float32)}]
     outs = h.submit_all(reqs)
     h.close()
     for call in rec.calls:
@@ -235,7 +233,7 @@ def test_loop_batcher_never_mixes_keys_respects_the_limit_and_keeps_order() -> N
         assert isinstance(o, dict)
         for n, a in r.items():
             assert o[f"{n}_out"].dtype == a.dtype and np.array_equal(o[f"{n}_out"], a * 2 + 1)
-    kind0 = [c["x"] for c in rec.calls if "x" in c and c["x"].dtype == np.float32 and c["x"].shape[1] == 4]
+    kind0 = [c["x"] for c in rec.calls if set(c) == {"x"} and c["x"].dtype == np.float32 and c["x"].shape[1] == 4]
     first_x = [float(x[0, 0]) for x in kind0 if x.shape[0] != 9]  # the 9-row request (all ones) came last
     assert first_x == sorted(first_x), "batches of one kind ran out of arrival order"
     assert len(rec.calls) < len(reqs)
