@@ -35,6 +35,16 @@ def rows_of(inputs: Tensors) -> int:
     return int(first.shape[0]) if first.ndim else 1
 
 
+def run_stacked(predict: Predict, items: list[Tensors]) -> list[Tensors]:
+    """One forward pass over ``items`` (equal ``batch_key``) stacked along dim 0, split back per item."""
+    if len(items) == 1:
+        return [predict(items[0])]
+    out = predict({n: np.concatenate([it[n] for it in items]) for n in items[0]})
+    splits = np.cumsum([rows_of(it) for it in items])[:-1]
+    parts = {n: np.split(a, splits) for n, a in out.items()}
+    return [{n: parts[n][i] for n in parts} for i in range(len(items))]
+
+
 class _Batch:
     __slots__ = ("done", "error", "items", "outputs", "rows")
 
@@ -132,15 +142,7 @@ class Batcher:
 
     def _run(self, batch: _Batch) -> None:
         try:
-            if len(batch.items) == 1:
-                batch.outputs = [self._predict(batch.items[0])]
-                return
-            names = list(batch.items[0])
-            stacked = {n: np.concatenate([it[n] for it in batch.items]) for n in names}
-            out = self._predict(stacked)
-            splits = np.cumsum([rows_of(it) for it in batch.items])[:-1]
-            parts = {n: np.split(a, splits) for n, a in out.items()}
-            batch.outputs = [{n: parts[n][i] for n in parts} for i in range(len(batch.items))]
+            batch.outputs = run_stacked(self._predict, batch.items)
         except BaseException as exc:  # every waiter must wake up with the error
             batch.error = exc
         finally:
@@ -239,7 +241,7 @@ class LoopBatcher:
 
         def work() -> None:
             try:
-                result.extend(self._forward([x for x, _ in batch]))
+                result.extend(run_stacked(self._predict, [x for x, _ in batch]))
             except BaseException as exc:  # every request of the batch gets the error
                 error.append(exc)
 
@@ -254,12 +256,3 @@ class LoopBatcher:
                     done(result[i], None)
 
         self._run_forward(work, then)
-
-    def _forward(self, items: list[Tensors]) -> list[Tensors]:
-        if len(items) == 1:
-            return [self._predict(items[0])]
-        names = list(items[0])
-        out = self._predict({n: np.concatenate([it[n] for it in items]) for n in names})
-        splits = np.cumsum([rows_of(it) for it in items])[:-1]
-        parts = {n: np.split(a, splits) for n, a in out.items()}
-        return [{n: parts[n][i] for n in parts} for i in range(len(items))]

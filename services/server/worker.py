@@ -66,11 +66,7 @@ STOP_IDLE_GRACE_S = 0.5  # requests queued on one connection before the worker s
 
 
 class HttpError(DlstackError):
-    """A request this worker rejects before any route sees it (bad framing, limits)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+    """A request this worker rejects before any route sees it (bad framing, limits): ``HttpError(msg, status)``."""
 
 
 class Request:
@@ -160,15 +156,15 @@ class HttpConnection(asyncio.Protocol):
         assert req is not None
         req.url += url
         if len(req.url) > self.w.limit_line:
-            raise HttpError(414, f"the request URL is over {self.w.limit_line} bytes")
+            raise HttpError(f"the request URL is over {self.w.limit_line} bytes", 414)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.req
         assert req is not None
         if len(name) + len(value) > self.w.limit_field_size:
-            raise HttpError(431, f"header {name[:64].decode('latin-1')!r} is over {self.w.limit_field_size} bytes")
+            raise HttpError(f"header {name[:64].decode('latin-1')!r} is over {self.w.limit_field_size} bytes", 431)
         if len(req.headers) >= self.w.limit_fields:
-            raise HttpError(431, f"the request has more than {self.w.limit_fields} header fields")
+            raise HttpError(f"the request has more than {self.w.limit_fields} header fields", 431)
         key = name.lower()
         old = req.headers.get(key)
         req.headers[key] = value if old is None else old + b", " + value
@@ -187,9 +183,9 @@ class HttpConnection(asyncio.Protocol):
             try:
                 req.length = int(raw)
             except ValueError:
-                raise HttpError(400, f"Content-Length {raw[:32]!r} is not a number") from None
+                raise HttpError(f"Content-Length {raw[:32]!r} is not a number", 400) from None
             if req.length > self.w.max_body_bytes:
-                raise HttpError(413, too_large(req.length, self.w.max_body_bytes))
+                raise HttpError(too_large(req.length, self.w.max_body_bytes), 413)
         if req.headers.get(b"expect", b"").lower() == b"100-continue" and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits 1 s for this on big bodies
 
@@ -198,7 +194,7 @@ class HttpConnection(asyncio.Protocol):
         assert req is not None
         req.size += len(body)
         if req.size > self.w.max_body_bytes:
-            raise HttpError(413, too_large(req.length, self.w.max_body_bytes))
+            raise HttpError(too_large(req.length, self.w.max_body_bytes), 413)
         req.body.append(body)
 
     def on_message_complete(self) -> None:
