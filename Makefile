@@ -7,36 +7,42 @@ ENV ?= dev
 PORT ?= 8080
 EXAMPLE := .example/mnist-mlp
 
-.PHONY: venv serve example test lint image-test bench bench-render render render-diff models-verify datasets-verify up preview destroy cluster clean
+# System packages (sudo only when not root): script/sysdeps says what and how.
+.PHONY: sysdeps sysdeps-test venv serve example test lint image-test bench bench-render render render-diff models-verify datasets-verify up preview destroy cluster clean
 
-# Set-up: a virtualenv with every pinned requirement and dlstack itself (editable).
-$(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
-	$(BIN)/pip install -q --no-deps -e .
-	touch $@
+# Set-up: a virtualenv with every pinned requirement and dlstack itself (editable), step by step.
+$(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml script/venv
+	PY=$(PY) script/venv
 
 venv: $(BIN)/.installed
+
+sysdeps:
+	script/sysdeps serve
+
+sysdeps-test:
+	script/sysdeps test
 
 # The example models (an MLP on 784 inputs, a small CNN), built at set-up time, never committed,
 # and registered in the local model registry (.registry) as mnist-mlp:1 and tiny-cnn:1, which
 # Pulumi.dev.yaml / Pulumi.prod.yaml refer to. Registering identical content is a no-op.
 $(EXAMPLE)/model.yaml: $(BIN)/.installed
+	@echo "==> example model mnist-mlp: build and register (.example/, .registry/)"
 	$(BIN)/python -m services.example --out $(EXAMPLE) --model mnist-mlp
 	$(BIN)/dlstack models register $(EXAMPLE) --name mnist-mlp --framework pytorch
 
 .example/tiny-cnn/model.yaml: $(BIN)/.installed
+	@echo "==> example model tiny-cnn: build and register"
 	$(BIN)/python -m services.example --out .example/tiny-cnn --model tiny-cnn
 	$(BIN)/dlstack models register .example/tiny-cnn --name tiny-cnn --framework pytorch
 
 example: $(EXAMPLE)/model.yaml .example/tiny-cnn/model.yaml
 
-serve: $(EXAMPLE)/model.yaml
+serve: sysdeps $(EXAMPLE)/model.yaml
+	@echo "==> serving mnist-mlp on 0.0.0.0:$(PORT) (Ctrl-C stops; PORT=N make serve for another port)"
 	$(BIN)/dlstack serve $(EXAMPLE) --port $(PORT)
 
 # The default suite: everything but the OCI image build (see image-test).
-test: venv
+test: sysdeps-test venv
 	$(BIN)/pytest -q -m "not image" -n 2 --dist loadfile
 
 lint: venv
@@ -48,7 +54,7 @@ lint: venv
 image-test: venv
 	$(BIN)/pytest -q -m image tests/test_image.py
 
-bench: example
+bench: sysdeps-test example
 	$(BIN)/python -m tests.bench.server_bench
 
 bench-render: venv

@@ -1,10 +1,13 @@
-"""Shared fixtures: free ports and tiny real models built in tmp_path (nothing binary is committed)."""
+"""Shared fixtures: free ports, tiny real models built in tmp_path (nothing binary is committed), git, and
+the system tools some tests need (``@pytest.mark.tool("promtool")``)."""
 
 from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import socket
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,9 +16,41 @@ import pytest
 
 # `import tensorflow` imports keras with the TF backend; pin torch first so any test order works.
 os.environ.setdefault("KERAS_BACKEND", "torch")
+# The tests commit in temporary repos; a fresh machine has no git identity (and must not need one).
+for _key, _value in (("GIT_AUTHOR_NAME", "dlstack tests"), ("GIT_AUTHOR_EMAIL", "tests@dlstack.invalid")):
+    os.environ.setdefault(_key, _value)
+    os.environ.setdefault(_key.replace("AUTHOR", "COMMITTER"), _value)
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
+
+# System tools by the Debian package that provides them; `make sysdeps` installs them all.
+TOOL_PACKAGES = {"promtool": "prometheus", "prometheus": "prometheus", "git-lfs": "git-lfs", "wrk": "wrk"}
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``@pytest.mark.tool(NAME, ...)``: skip where NAME is missing on a laptop, fail under CI=true.
+
+    CI must prove every test ran, so a missing tool there is an install bug, not a reason to skip.
+    """
+    for mark in item.iter_markers("tool"):
+        for name in mark.args:
+            if shutil.which(name) is None:
+                msg = f"{name} is not installed: run `make sysdeps` (apt-get install {TOOL_PACKAGES[name]})"
+                if in_ci():
+                    pytest.fail(f"CI=true: {msg}", pytrace=False)
+                pytest.skip(msg)
+
+
+def git(repo: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    """Run git in ``repo``; a failure shows git's own stderr (CalledProcessError would hide it)."""
+    res = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=False, env=env)
+    if res.returncode != 0:
+        raise AssertionError(f"`git {' '.join(args)}` failed ({res.returncode}) in {repo}:\n{res.stderr}{res.stdout}")
+    return res.stdout
 
 
 def free_port() -> int:

@@ -1,5 +1,5 @@
 """Judging manifests with tools we did not write: kubernetes-validate (built-in kinds), the strict CRD
-schemas in ../shared/schemas (custom resources), a Pod Security Standards "restricted" checker, a
+schemas vendored in tests/schemas (custom resources), a Pod Security Standards "restricted" checker, a
 recording Pulumi mock for rendering single components, and the whole dev/prod render (``stacks.render``
 over a real registry of tiny models), made once per test process and shared by the judging modules.
 
@@ -21,9 +21,7 @@ from typing import Any
 import pulumi
 from jsonschema.validators import validator_for
 
-from tests.conftest import SHARED
-
-SCHEMAS = SHARED / "schemas"
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
 K8S_VERSIONS = ("1.31", "1.34")  # the minors dlstack supports; kubernetes-validate has v1.31.0/v1.34.0 schemas
 _SECRET_SIG = "4dabf18193072939515e22adb298388d"  # pulumi's marker for a secret value on the wire
 
@@ -148,7 +146,7 @@ def _crd_validator(api_version: str, kind: str, strict: bool) -> Any:
 
 
 def crd_errors(obj: dict[str, Any], strict: bool = True) -> list[str]:
-    """Errors against the upstream CRD schema (../shared/schemas); raises FileNotFoundError for an unknown kind."""
+    """Errors against the upstream CRD schema (tests/schemas); raises FileNotFoundError for an unknown kind."""
     validator = _crd_validator(obj["apiVersion"], obj["kind"], strict)
     return [
         f"{obj['kind']}/{obj.get('metadata', {}).get('name')}: {'/'.join(map(str, e.absolute_path)) or '<root>'}: "

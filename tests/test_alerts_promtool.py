@@ -18,7 +18,7 @@ UNIT_TESTS = Path(__file__).parent / "promtool" / "slo_alerts_test.yaml"
 STRICT = ModelSLO(name="strict", namespace="ml", error_ratio=0.01, p99_ms=250)
 RELAXED = ModelSLO(name="relaxed", namespace="ml", error_ratio=0.2, p99_ms=1000)
 
-pytestmark = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (apt-get install prometheus)")
+pytestmark = pytest.mark.tool("promtool")
 
 
 def _promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,7 +16,7 @@ from tests.conftest import free_port, make_torch_mlp_artifact
 
 pytestmark = [
     pytest.mark.xdist_group("bench-smoke"),
-    pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk not installed (apt-get install wrk)"),
+    pytest.mark.tool("wrk"),
 ]
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -83,7 +82,7 @@ def test_recording_rules_used_by_dashboards_exist() -> None:
     assert used and used <= recorded, used - recorded
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+@pytest.mark.tool("promtool")
 def test_every_query_is_valid_promql(tmp_path: Path) -> None:
     """promtool parses each expression (as a recording rule); a typo in the PromQL fails here."""
     exprs = promql_expressions(model_dashboard(MODEL, NS)) + promql_expressions(overview_dashboard([MODEL, "b"], NS))

@@ -13,12 +13,9 @@ import pytest
 from services import datasets
 from services.artifact import FileEntry, ModelSpec, Signature, TensorSpec, file_sha256, write_spec
 from stacks.cli import main
-from tests.conftest import ROOT
+from tests.conftest import ROOT, git
 
-
-def git(repo: Path, *args: str, env: dict[str, str] | None = None) -> str:
-    res = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True, env=env)
-    return res.stdout
+pytestmark = pytest.mark.tool("git-lfs")
 
 
 @pytest.fixture
@@ -112,7 +109,7 @@ def test_verify_accepts_a_clone_without_lfs_content(repo: Path, tmp_path: Path) 
     git(repo, "commit", "-qm", "data")
     clone = tmp_path / "clone"
     env = {**os.environ, "GIT_LFS_SKIP_SMUDGE": "1"}
-    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True, env=env, capture_output=True)
+    git(tmp_path, "clone", "-q", str(repo), str(clone), env=env)
     assert (clone / "train.npz").read_bytes().startswith(b"version https://git-lfs.github.com/spec/v1")
     assert datasets.verify(clone / "stacks" / "datasets.yaml") == []
 
@@ -157,4 +154,5 @@ def test_project_gitattributes_track_binaries_but_nothing_committed_today() -> N
     res = subprocess.run(
         ["git", "check-attr", "--stdin", "filter"], cwd=ROOT, input="\n".join(files), capture_output=True, text=True
     )
+    assert res.returncode == 0, res.stderr
     assert [line for line in res.stdout.splitlines() if line.endswith(": lfs")] == []

@@ -1,7 +1,7 @@
 """The whole render of dev and prod judged by tools we did not write.
 
 * built-in kinds: kubernetes-validate, strict, for Kubernetes 1.31 and 1.34;
-* custom resources: the strict upstream CRD schemas in ../shared/schemas;
+* custom resources: the strict upstream CRD schemas vendored in tests/schemas;
 * every pod in the models namespace: Pod Security Standards "restricted".
 
 Each judge is also shown to fail on a deliberately broken object, so a pass means something.

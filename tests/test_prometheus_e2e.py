@@ -53,7 +53,7 @@ RATE_INTERVAL = "1m"
 GOOD_V2, BAD_SHAPE, BAD_JSON, UNKNOWN_MODEL, GOOD_V1 = 24, 4, 3, 2, 3
 
 pytestmark = [
-    pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not installed (apt-get install prometheus)"),
+    pytest.mark.tool("prometheus"),
     pytest.mark.xdist_group("prometheus_e2e"),
     pytest.mark.timeout(180),
 ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from services.artifact import FileEntry, ModelSpec, Signature, TensorSpec, file_
 from services.registry import Registry
 from stacks.cli import main
 from stacks.promote import history
+from tests.conftest import git
 
 DIGEST1 = "sha256:" + "1" * 64
 DIGEST2 = "sha256:" + "2" * 64
@@ -67,10 +67,6 @@ PROD = (
       slo: {error_ratio: 0.001, p99_ms: 100}
 """
 )
-
-
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout
 
 
 def artifact(d: Path, name: str, payload: bytes) -> Path:
