@@ -8,7 +8,7 @@ PORT ?= 8080
 EXAMPLE := .example/mnist-mlp
 
 # System packages (sudo only when not root): script/sysdeps says what and how.
-.PHONY: sysdeps sysdeps-test venv serve example test lint image-test bench bench-render render render-diff models-verify datasets-verify up preview destroy cluster clean
+.PHONY: sysdeps sysdeps-test fresh-check venv serve example test lint image-test bench bench-render render render-diff models-verify datasets-verify up preview destroy cluster clean
 
 # Set-up: a virtualenv with every pinned requirement and dlstack itself (editable), step by step.
 $(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml script/venv
@@ -81,3 +81,7 @@ cluster:
 
 clean:
 	rm -rf build .example .pytest_cache .mypy_cache .ruff_cache
+
+# Both README lines, verbatim, as root in a fresh bare Debian container (../shared/tools/oci); slow.
+fresh-check:
+	script/fresh-check
