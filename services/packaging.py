@@ -8,14 +8,13 @@ inputs must be given; its outputs are then measured with two trial forward passe
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from services.artifact import (
     _NAME_RE,
@@ -67,18 +66,40 @@ def parse_shape(text: str, what: str = "shape") -> tuple[int, ...]:
     return tuple(dims)
 
 
+def _datatype_aliases() -> dict[str, Datatype]:
+    """Lower-case spellings users copy from numpy and torch, each naming exactly one V2 datatype."""
+    aliases: dict[str, Datatype] = {}
+    for dt in Datatype:
+        aliases[dt.value.lower()] = dt
+        if dt is not Datatype.BYTES:
+            np_name = dt.numpy.name  # float32, int64, bool, ...
+            for prefix in ("", "np.", "numpy.", "torch."):
+                aliases[prefix + np_name] = dt
+    for name, dt in {"half": Datatype.FP16, "double": Datatype.FP64, "short": Datatype.INT16}.items():
+        for prefix in ("", "np.", "numpy.", "torch."):
+            aliases[prefix + name] = dt
+    # torch's own names. Bare "float" and "int" are no aliases: numpy reads them as float64 and int64,
+    # torch as float32 and int32; numpy's "long" is 32 bits on Windows.
+    aliases.update({"torch.float": Datatype.FP32, "torch.int": Datatype.INT32})
+    aliases.update({"long": Datatype.INT64, "torch.long": Datatype.INT64})
+    for name in ("bytes", "object", "str", "np.bytes_", "np.object_", "np.str_"):
+        aliases[name] = Datatype.BYTES
+    return aliases
+
+
+_DATATYPE_ALIASES = _datatype_aliases()
+
+
 def parse_datatype(text: str, what: str = "datatype") -> Datatype:
-    """A V2 datatype name (case-insensitive), or a numpy name such as float32."""
-    upper = text.strip().upper()
-    if upper in {d.value for d in Datatype}:
-        return Datatype(upper)
-    try:
-        return Datatype.from_numpy(np.dtype(text.strip().lower()))
-    except (TypeError, ArtifactError):
-        valid = ", ".join(d.value for d in Datatype)
-        raise UserError(
-            f"{what} {text!r} is not a datatype; use one of {valid} (or a numpy name like float32)"
-        ) from None
+    """A V2 datatype name or a numpy/torch spelling of one (float32, torch.float16, half ...), case-insensitive."""
+    found = _DATATYPE_ALIASES.get(text.strip().lower())
+    if found is not None:
+        return found
+    valid = ", ".join(d.value for d in Datatype)
+    raise UserError(
+        f"{what} {text!r} is not a datatype; use one of {valid} "
+        "(numpy/torch names also work: float32, torch.float16, half, double, int64, bool, ...)"
+    )
 
 
 def parse_tensor(text: str, flag: str = "--input") -> TensorSpec:
@@ -92,6 +113,29 @@ def parse_tensor(text: str, flag: str = "--input") -> TensorSpec:
         datatype=parse_datatype(dtype, f"{flag} {text!r}: datatype"),
         shape=parse_shape(shape, f"{flag} {text!r}: shape"),
     )
+
+
+# -- framework errors -------------------------------------------------------------------------------------------
+
+# The line that names the error at the end of a TorchScript interpreter trace, e.g. "RuntimeError: mat1 and ...".
+_FINAL_ERROR_RE = re.compile(r"^(?:[A-Za-z_][\w.]*(?:Error|Exception)): ", re.MULTILINE)
+_MAX_MESSAGE = 2000  # only a dump (a whole config or graph) is longer; keeps one error from flooding the terminal
+
+
+def framework_message(exc: BaseException) -> str:
+    """The framework's own message on one line: the part that says what went wrong, never cut at a newline.
+
+    A TorchScript error starts with "The following operation failed in the TorchScript interpreter."
+    and a trace of serialized code; what helps ("mat1 and mat2 shapes cannot be multiplied (1x783
+    and 784x512)") is the last error line, so that line and what follows it are kept.
+    """
+    text = str(exc).strip()
+    if "Traceback of TorchScript" in text:
+        finals = list(_FINAL_ERROR_RE.finditer(text))
+        if finals:
+            text = text[finals[-1].end() :]
+    line = " ".join(text.split()) or type(exc).__name__
+    return line if len(line) <= _MAX_MESSAGE else line[: _MAX_MESSAGE - 3] + "..."
 
 
 # -- inference --------------------------------------------------------------------------------------------------
@@ -121,7 +165,7 @@ def infer_onnx(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf decode errors have many types
-        raise UserError(f"{path}: not an ONNX model ({exc})") from exc
+        raise UserError(f"{path}: not an ONNX model ({framework_message(exc)})") from exc
     if any(uses_external_data(t) for t in model.graph.initializer):
         raise UserError(f"{path}: weights stored as external data are not supported; save with one file")
     initializers = {i.name for i in model.graph.initializer}
@@ -147,7 +191,9 @@ def infer_keras(path: Path, backend: str) -> tuple[list[TensorSpec], list[Tensor
     try:
         model = keras.saving.load_model(str(path), compile=False, safe_mode=True)
     except Exception as exc:  # keras wraps many error types while deserializing
-        raise UserError(f"{path}: keras cannot load it ({exc}); save the model with model.save('model.keras')") from exc
+        raise UserError(
+            f"{path}: keras cannot load it ({framework_message(exc)}); save the model with model.save('model.keras')"
+        ) from exc
     if not getattr(model, "inputs", None):
         raise UserError(f"{path}: the model was never built, so it has no inputs; build it with keras.Input(...)")
     ins = [_tensor(t.name, keras_dtype(t.dtype), t.shape, str(path)) for t in model.inputs]
@@ -164,7 +210,7 @@ def infer_savedmodel(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     except ArtifactError:
         raise
     except Exception as exc:  # TF raises many error types for a broken SavedModel
-        raise UserError(f"{path}: not a loadable SavedModel ({exc})") from exc
+        raise UserError(f"{path}: not a loadable SavedModel ({framework_message(exc)})") from exc
     ins: Mapping[str, Any] = fn.structured_input_signature[1]
     outs: Mapping[str, Any] = fn.structured_outputs
     # sorted: TF does not keep a stable order for the signature's dicts, and model.yaml must be reproducible
@@ -191,7 +237,9 @@ def infer_export(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     try:
         program = torch.export.load(str(path))
     except Exception as exc:  # torch raises many error types for a foreign file
-        raise UserError(f"{path}: not a torch.export program ({exc}); save it with torch.export.save") from exc
+        raise UserError(
+            f"{path}: not a torch.export program ({framework_message(exc)}); save it with torch.export.save"
+        ) from exc
     sig = program.graph_signature
     nodes = {n.name: n for n in program.graph.nodes}
     arg_names = list(program.module_call_graph[0].signature.forward_arg_names)  # type: ignore[union-attr]
@@ -232,9 +280,9 @@ def infer_torchscript_outputs(path: Path, inputs: Sequence[TensorSpec]) -> list[
             with torch.inference_mode():
                 out = module(*args)
         except Exception as exc:  # TorchScript raises its own error types
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(
-                f"{path}: a trial forward pass with zeros shaped like the --input tensors failed ({first}); "
+                f"{path}: a trial forward pass with zeros shaped like the --input tensors failed "
+                f"({framework_message(exc)}); "
                 "check the --input dtypes and shapes"
             ) from exc
         if isinstance(out, torch.Tensor):
@@ -446,7 +494,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("model", metavar="MODEL_FILE", help=".pt/.pt2 (pytorch), .keras, SavedModel dir, .onnx")
     p.add_argument("--name", required=True, help="artifact name, a DNS-1123 label (e.g. mnist-mlp)")
     p.add_argument("--framework", required=True, help=f"one of {', '.join(f.value for f in Framework)}")
-    p.add_argument("--version", default="1", help="version string (default 1)")
+    p.add_argument(
+        "--version",
+        help="version in model.yaml when this directory is served as is (default 1); "
+        "`dlstack models register` assigns the registry's own versions 1, 2, ...",
+    )
     p.add_argument(
         "--input", action="append", default=[], metavar="NAME:DTYPE:SHAPE", help=f"input tensor; {SHAPE_HELP}"
     )
@@ -482,7 +534,7 @@ def handler(args: argparse.Namespace) -> int:
         name=args.name,
         framework=args.framework,
         out=args.out,
-        version=args.version,
+        version=args.version or "1",
         inputs=[parse_tensor(t, "--input") for t in args.input],
         outputs=[parse_tensor(t, "--output") for t in args.output],
         serving=serving,
@@ -492,10 +544,19 @@ def handler(args: argparse.Namespace) -> int:
         print(f"dlstack package: warning: {w}", file=sys.stderr)
     sig = spec.signature
     fmt = ", ".join
+    # The registry, not packaging, numbers versions: printing "name:1" here would contradict the
+    # "registered name:N" that `models register` prints next, so the version is only named if given.
+    reg_cmd = f"dlstack models register {args.out} --name {spec.name} --framework {spec.framework.value}"
+    version = (
+        f"{spec.version} in model.yaml; the registry assigns its own: `{reg_cmd}`"
+        if args.version
+        else f"assigned by the registry: `{reg_cmd}`"
+    )
     print(
-        f"packaged {spec.name}:{spec.version} ({spec.framework.value}) -> {args.out}/{MODEL_YAML}\n"
+        f"packaged {spec.name} ({spec.framework.value}) -> {args.out}/{MODEL_YAML}\n"
         f"  inputs:  {fmt(f'{t.name} {t.datatype.value} {list(t.shape)}' for t in sig.inputs)}\n"
         f"  outputs: {fmt(f'{t.name} {t.datatype.value} {list(t.shape)}' for t in sig.outputs)}\n"
-        f"  sha256:  {spec.sha256}"
+        f"  sha256:  {spec.sha256}\n"
+        f"  version: {version}"
     )
     return 0

@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from services.errors import DlstackError
 
@@ -27,8 +28,23 @@ COMMAND_MODULES = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that answers a missing subcommand with the full help (subparsers inherit the class)."""
+
+    def error(self, message: str) -> NoReturn:
+        # `dlstack` or `dlstack models` alone asks "what can I do?": the command list answers it,
+        # argparse's bare "arguments are required: COMMAND" does not. Exit 2 as for any usage error.
+        if message.startswith("the following arguments are required:") and any(
+            isinstance(a, argparse._SubParsersAction) and a.required and str(a.metavar or a.dest) in message
+            for a in self._actions
+        ):
+            self.print_help()
+            self.exit(2)
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dlstack", description="Deep-learning models to production on Kubernetes.")
+    parser = _Parser(prog="dlstack", description="Deep-learning models to production on Kubernetes.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for mod in COMMAND_MODULES:
         try:

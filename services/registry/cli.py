@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from services.artifact import MODEL_YAML
+from services.artifact import MODEL_YAML, read_spec
 from services.registry.registry import ModelVersion, Registry, parse_ref
 from services.registry.store import RegistryError
 
@@ -98,18 +98,27 @@ def cmd_register(args: argparse.Namespace) -> int:
         raise RegistryError(f"{path} does not exist; give a model file or an artifact directory with {MODEL_YAML}")
     datasets = tuple(resolve_dataset(d, args.manifest) for d in args.dataset)
     reg = _registry(args)
+    given = (path / MODEL_YAML).is_file()
     with tempfile.TemporaryDirectory(prefix="dlstack-package-") as tmp:
-        artifact = path if (path / MODEL_YAML).is_file() else _package(args, Path(tmp) / "artifact")
+        artifact = path if given else _package(args, Path(tmp) / "artifact")
+        local_version = read_spec(artifact).version
         result = reg.register(
             artifact, args.name, args.framework, datasets=datasets, metrics=_metrics(args.metric), note=args.note
         )
     mv = result.version
     if args.json:
         print(json.dumps({**mv.summary(), "created": result.created}, indent=2))
-    elif result.created:
+        return 0
+    if result.created:
         print(f"registered {mv.ref} (sha256 {mv.sha256[:12]}) in {reg.root}")
     else:
         print(f"identical content is already registered as {mv.ref}; nothing stored")
+    if given and local_version != mv.version:
+        # The source directory is never rewritten, so say which number is the real one.
+        print(
+            f"  {path}/{MODEL_YAML} still says version {local_version} (what `dlstack serve {path}` reports); "
+            f"the registry's is {mv.version}: use {mv.ref}, or `dlstack models export {mv.ref} DIR`"
+        )
     return 0
 
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
 
 from services.errors import UserError
+from services.server.config import LOG_FORMATS
 
 APP = "services.server.app:create_app()"
 CONF = "python:services.server.gunicorn_conf"
@@ -23,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("artifact_dir", metavar="ARTIFACT_DIR", type=Path)
     p.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
-    p.add_argument("--port", type=int, default=8080, help="port to bind (default 8080)")
+    p.add_argument("--port", type=_port, default=8080, help="port to bind (default 8080)")
     p.add_argument("--workers", type=_positive, help="worker processes (default: the CPU limit)")
     p.add_argument(
         "--threads",
@@ -33,6 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--max-batch-size", type=_positive, help="rows per forward pass; 1 = batching off")
     p.add_argument("--max-batch-time-ms", type=float, help="ms the first request of a batch waits for more")
     p.add_argument("--max-body-bytes", type=_body_bytes, help="request body limit, >= 1024 (default 16 MiB)")
+    p.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        help="stdout log lines: json (ECS, for log shippers) or text (readable); "
+        "default auto = text on a terminal, json otherwise (env DLSTACK_LOG_FORMAT)",
+    )
     p.set_defaults(func=handler)
 
 
@@ -43,6 +52,16 @@ def _positive(raw: str) -> int:
         raise argparse.ArgumentTypeError(f"{raw!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{raw!r} must be >= 1")
+    return value
+
+
+def _port(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not an integer") from None
+    if not 0 <= value <= 65535:  # 0 = any free port, as for bind()
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a TCP port; use 1-65535")
     return value
 
 
@@ -64,6 +83,7 @@ def server_env(args: argparse.Namespace, base: dict[str, str] | None = None) -> 
         ("max_batch_size", "DLSTACK_MAX_BATCH_SIZE"),
         ("max_batch_time_ms", "DLSTACK_MAX_BATCH_TIME_MS"),
         ("max_body_bytes", "DLSTACK_MAX_BODY_BYTES"),
+        ("log_format", "DLSTACK_LOG_FORMAT"),
     ):
         value = getattr(args, flag)
         if value is not None:
@@ -74,18 +94,48 @@ def server_env(args: argparse.Namespace, base: dict[str, str] | None = None) -> 
     return env
 
 
+def check_port(host: str, port: int) -> None:
+    """Bind and release ``host:port`` as gunicorn will, so a busy port is one line now, not five retries later.
+
+    Same family choice and ``SO_REUSEADDR`` as gunicorn's sockets: a port held only by TIME_WAIT
+    connections of a previous run passes, a port another process listens on does not.
+    """
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    fix = "choose another with --port N (or PORT=N make serve)"
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except socket.gaierror as exc:
+            why = exc.strerror
+            raise UserError(f"--host {host!r} does not resolve ({why}); give an address, e.g. 0.0.0.0") from None
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UserError(f"port {port} on {host} is already in use (another server?); {fix}") from None
+            if exc.errno == errno.EACCES:
+                raise UserError(f"port {port} on {host} needs privileges to bind; {fix} with N >= 1024") from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise UserError(
+                    f"--host {host} is not an address of this machine; use 0.0.0.0 (all) or 127.0.0.1 (local only)"
+                ) from None
+            raise UserError(f"cannot bind {host}:{port} ({exc.strerror}); check --host and --port") from None
+
+
 def handler(args: argparse.Namespace) -> int:
     from services.artifact import load_spec
-    from services.server.config import ServerConfig
+    from services.server.config import ServerConfig, log_format
 
     if args.max_batch_time_ms is not None and args.max_batch_time_ms < 0:
         raise UserError(f"--max-batch-time-ms must be >= 0, got {args.max_batch_time_ms}")
     if not args.artifact_dir.is_dir():
         raise UserError(f"{args.artifact_dir}: not a directory; pass an artifact made by `dlstack package`")
+    check_port(args.host, args.port)  # before hashing the model files, which takes seconds for a large model
     load_spec(args.artifact_dir)  # fail fast, before gunicorn, on a missing or corrupted file
     env = server_env(args)
     try:
         ServerConfig.from_env(env)  # what the workers will read: bad values fail here, not in every worker
+        log_format(env)
     except UserError:
         if env.get("DLSTACK_OWNS_METRICS_DIR") == "1":
             shutil.rmtree(env["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

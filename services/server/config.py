@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,30 @@ def cpu_limit(env: Mapping[str, str] | None = None) -> float:
 def _quantity(raw: str) -> float:
     raw = raw.strip()
     return int(raw[:-1]) / 1000 if raw.endswith("m") else float(raw)
+
+
+LOG_FORMATS = ("auto", "json", "text")
+
+
+def log_format(env: Mapping[str, str] | None = None, isatty: bool | None = None) -> str:
+    """``DLSTACK_LOG_FORMAT``: "json" or "text"; default "auto" = text when stdout is a terminal, else json.
+
+    JSON is the contract with the log pipeline (Filebeat -> Logstash), so anything that is not a
+    person's terminal gets it; master and workers share stdout, so they all choose the same.
+    """
+    env = os.environ if env is None else env
+    raw = env.get("DLSTACK_LOG_FORMAT") or "auto"
+    value = raw.strip().lower()
+    if value not in LOG_FORMATS:
+        raise UserError(f"DLSTACK_LOG_FORMAT={raw!r} is not one of {', '.join(LOG_FORMATS)} (--log-format)")
+    if value != "auto":
+        return value
+    if isatty is None:
+        try:
+            isatty = sys.stdout.isatty()
+        except (AttributeError, ValueError):  # stdout replaced or closed
+            isatty = False
+    return "text" if isatty else "json"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from services.errors import UserError
-from services.server.config import ServerConfig, cpu_limit, env_int, layout
+from services.server.config import ServerConfig, cpu_limit, env_int, layout, log_format
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client in the workers
 
@@ -32,6 +32,7 @@ def _settings_or_exit() -> ServerConfig:
         env_int(os.environ, "DLSTACK_MAX_REQUESTS", 0)
         env_int(os.environ, "DLSTACK_KEEPALIVE_REQUESTS", 0)
         cpu_limit()
+        log_format()
         return ServerConfig.from_env()
     except UserError as exc:
         sys.stderr.write(f"dlstack serve: error: {exc.message}\n")
@@ -114,7 +115,7 @@ max_requests = _int("DLSTACK_MAX_REQUESTS", 1_000_000)
 max_requests_jitter = max_requests // 10  # spread the recycling so workers never restart together
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # heartbeat off overlayfs disk
 accesslog = None  # the app writes one ECS access line per request
-logger_class = "services.server.logs.GunicornLogger"  # ECS JSON on stdout; no gunicorn access log
+logger_class = "services.server.logs.GunicornLogger"  # ECS JSON (or text) on stdout; no gunicorn access log
 proc_name = "dlstack-model-server"
 control_socket_disable = True  # gunicorn's control socket would be shared by every server of a user ($HOME)
 forwarded_allow_ips = "*"

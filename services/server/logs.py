@@ -1,6 +1,8 @@
 """ECS JSON log lines on stdout (ecs-logging): one access line per request, never a payload.
 
-Gunicorn's own logger goes through the same formatter, so every stdout line is JSON.
+Gunicorn's own logger goes through the same formatter, so every stdout line is JSON. On a
+terminal (or with ``DLSTACK_LOG_FORMAT=text``) the same lines are written as readable text
+instead; ``config.log_format`` decides.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 import ecs_logging
 import orjson
 from gunicorn import glogging
+
+from services.server.config import log_format
 
 SERVICE_NAME = "dlstack-model-server"
 ACCESS_DATASET = "dlstack.access"
@@ -152,7 +156,44 @@ class LineHandler(logging.Handler):
             self.handleError(record)
 
 
-def formatter() -> logging.Formatter:
+class TextFormatter(logging.Formatter):
+    """One readable line per record for a person at a terminal: local time, level, message.
+
+    Access records become ``POST /v2/models/m/infer 200 1.23 ms (m:1, id ...)``; tracebacks follow
+    their line, as Python prints them.
+    """
+
+    default_msec_format = "%s.%03d"
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "ecs", None)
+        if fields is None:
+            return super().format(record)
+        return text_access_line(record.created, record.levelno, fields).decode().rstrip("\n")
+
+
+def text_access_line(now: float, level: int, fields: dict[str, Any]) -> bytes:
+    """The readable form of an access line (the fields ``access`` builds), newline included."""
+    http = fields["http"]
+    labels = fields["labels"]
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f".{int((now % 1) * 1000):03d}"
+    line = (
+        f"{stamp} {logging.getLevelName(level):<7} {http['request']['method']} {fields['url']['path']} "
+        f"{http['response']['status_code']} {fields['event']['duration'] / 1e6:.2f} ms "
+        f"({labels['model']}:{labels['model_version']}, id {http['request']['id']})"
+    )
+    if "error" in fields:
+        line += f": {fields['error']['message']}"
+    return (line + "\n").encode()
+
+
+def formatter(fmt: str = "json") -> logging.Formatter:
+    """``fmt`` is what ``config.log_format`` returns: "json" (ECS) or "text"."""
+    if fmt == "text":
+        return TextFormatter()
     return Formatter(extra={"service.name": SERVICE_NAME}, exclude_fields=_EXCLUDE)
 
 
@@ -179,7 +220,7 @@ def _stdout_handler() -> logging.Handler:
     sys.stdout.flush()  # anything print()ed before must come first
     buffer = stdout_buffer()
     handler = LineHandler(buffer) if buffer is not None else logging.StreamHandler(sys.stdout)
-    handler.setFormatter(formatter())
+    handler.setFormatter(formatter(log_format()))
     return handler
 
 
@@ -193,12 +234,13 @@ def setup() -> None:
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     root.propagate = False
-    global _FAST_ACCESS
+    global _FAST_ACCESS, _TEXT
     _FAST_ACCESS = _fast_access()
+    _TEXT = isinstance(handler.formatter, TextFormatter)
 
 
 class GunicornLogger(glogging.Logger):
-    """gunicorn's ``logger_class``: its error log as ECS JSON on stdout, its access log off.
+    """gunicorn's ``logger_class``: its error log as ECS JSON (or text) on stdout, its access log off.
 
     The app writes the one access line per request. (A ``logconfig_dict`` would also make
     gunicorn build its own access-log atoms for every request, only to drop them.)
@@ -243,12 +285,16 @@ def access(
         fields["error"] = {"message": error, "type": error_type or "DlstackError"}
     message = f"{method} {path} {status}"
     if _FAST_ACCESS and _BUFFER is not None:
-        _BUFFER.put(access_line(time.time(), os.getpid(), level, message, fields))
+        if _TEXT:
+            _BUFFER.put(text_access_line(time.time(), level, fields))
+        else:
+            _BUFFER.put(access_line(time.time(), os.getpid(), level, message, fields))
     else:
         access_log.log(level, "%s", message, extra={"ecs": fields})
 
 
 _FAST_ACCESS = False  # set by setup(): the access logger writes through our one stdout handler only
+_TEXT = False  # set by setup(): that handler writes readable text, not ECS JSON
 
 
 def _fast_access() -> bool:
