@@ -17,6 +17,11 @@ from services.server.batching import Batcher, LoopBatcher, Tensors
 from tests.conftest import make_torch_mlp_artifact
 from tests.serving import start_server
 
+HANG_S = 60  # s: the bound on every wait, there to end a hang; no test passes or fails on how fast it went
+# A max_batch_time that only a hang would wait out: a batch closes by its size or by nobody else arriving,
+# so the result does not depend on how fast the threads got there (a broken batcher fails after it, not hangs).
+PATIENT_MS = HANG_S * 1000
+
 
 class Recorder:
     """A real (numpy) model that remembers every forward pass it ran."""
@@ -45,7 +50,7 @@ def run_concurrently(b: Batcher, requests_: list[Tensors]) -> list[Tensors]:
 
 def test_concurrent_requests_share_one_forward_pass() -> None:
     rec = Recorder()
-    b = Batcher(rec, max_batch_size=8, max_batch_time_ms=5000)
+    b = Batcher(rec, max_batch_size=8, max_batch_time_ms=PATIENT_MS)  # the batch fills: no wait
     reqs = [{"x": np.full((1, 3), i, np.float32)} for i in range(8)]
     outs = run_concurrently(b, reqs)
     assert len(rec.calls) == 1 and rec.calls[0]["x"].shape == (8, 3)
@@ -65,7 +70,7 @@ KINDS: list[Callable[[int], Tensors]] = [
 
 def test_incompatible_requests_are_never_mixed() -> None:
     rec = Recorder(delay=0.01)
-    b = Batcher(rec, max_batch_size=64, max_batch_time_ms=200)
+    b = Batcher(rec, max_batch_size=64, max_batch_time_ms=PATIENT_MS)  # batches close when all arrived
     kinds = KINDS
     reqs = [kinds[i % len(kinds)](i) for i in range(40)]
     outs = run_concurrently(b, reqs)
@@ -92,27 +97,37 @@ def test_large_request_runs_alone_and_batches_respect_the_limit() -> None:
 
 
 def test_a_lone_request_does_not_wait_and_runs_in_the_caller_thread() -> None:
+    """Nobody else is arriving: the request runs at once, not after max_batch_time (longer than the join)."""
     rec = Recorder()
-    b = Batcher(rec, max_batch_size=8, max_batch_time_ms=5000)
-    b.begin()
-    t0 = time.monotonic()
-    b.submit({"x": np.ones((1, 2), np.float32)})
-    assert time.monotonic() - t0 < 1.0  # nobody else was arriving: no 5 s wait
-    assert rec.threads == [threading.get_ident()]  # no batching thread, no hop
+    b = Batcher(rec, max_batch_size=8, max_batch_time_ms=3 * PATIENT_MS)
+    caller: list[int] = []
+    out: list[Tensors] = []
+
+    def lone() -> None:
+        caller.append(threading.get_ident())
+        b.begin()
+        out.append(b.submit({"x": np.ones((1, 2), np.float32)}))
+
+    t = threading.Thread(target=lone, daemon=True)
+    t.start()
+    t.join(HANG_S)
+    assert not t.is_alive(), "a lone request waited for max_batch_time although nobody else was arriving"
+    assert np.array_equal(out[0]["x_out"], np.full((1, 2), 3, np.float32))
+    assert rec.threads == caller  # no batching thread, no hop
 
 
 def test_a_failed_forward_reaches_every_request_of_the_batch() -> None:
     def fail(inputs: Tensors) -> Tensors:
         raise RuntimeError("model exploded")
 
-    b = Batcher(fail, max_batch_size=4, max_batch_time_ms=5000)
+    b = Batcher(fail, max_batch_size=4, max_batch_time_ms=PATIENT_MS)  # the batch fills: no wait
     for _ in range(4):
         b.begin()
     with ThreadPoolExecutor(4) as pool:
         futs = [pool.submit(b.submit, {"x": np.ones((1, 2))}) for _ in range(4)]
         for f in futs:
             with pytest.raises(RuntimeError, match="model exploded"):
-                f.result(timeout=10)
+                f.result(timeout=HANG_S)
 
 
 def test_batching_off_calls_the_model_directly(tmp_path: Path) -> None:
@@ -168,20 +183,33 @@ class LoopHarness:
         self.loop = asyncio.new_event_loop()
         self.pool = ThreadPoolExecutor(1)
         self.forward_threads: list[int] = []
+        self.events: list[tuple[str, float] | str] = []  # timers set and fired, forward passes, in order
 
         def run_forward(work: Callable[[], None], then: Callable[[], None]) -> None:
             def in_thread() -> None:
                 self.forward_threads.append(threading.get_ident())
+                self.events.append("forward")
                 work()
 
             fut = self.pool.submit(in_thread)
             fut.add_done_callback(lambda _: self.loop.call_soon_threadsafe(then))
 
+        def call_later(delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
+            self.events.append(("timer set", delay))
+
+            def fire() -> None:
+                self.events.append("timer fired")
+                callback()
+
+            return self.loop.call_later(delay, fire)
+
         self.batcher = LoopBatcher(
-            predict, max_batch_size, max_batch_time_ms, self.loop.call_soon, self.loop.call_later, run_forward
+            predict, max_batch_size, max_batch_time_ms, self.loop.call_soon, call_later, run_forward
         )
 
-    def submit_all(self, reqs: list[Tensors], arriving: int = 0, timeout: float = 10) -> list[Tensors | BaseException]:
+    def submit_all(
+        self, reqs: list[Tensors], arriving: int = 0, timeout: float = HANG_S
+    ) -> list[Tensors | BaseException]:
         """Submit ``reqs`` in one loop pass (as requests parsed together are); wait for every answer."""
         results: dict[int, Tensors | BaseException] = {}
 
@@ -259,15 +287,18 @@ def test_loop_batcher_error_reaches_every_request_of_the_batch() -> None:
 
 
 def test_loop_batcher_waits_for_arriving_requests_only_up_to_max_batch_time() -> None:
-    """An idle model waits (at most max_batch_time) only while another request is still being received."""
+    """An idle model waits (at most max_batch_time) only while another request is still being received.
+
+    The loop's timers are recorded: the order of events shows the wait, not a stopwatch."""
     rec = Recorder()
     h = LoopHarness(rec, max_batch_size=8, max_batch_time_ms=150)
-    t0 = time.monotonic()
     h.submit_all([{"x": np.ones((1, 2), np.float32)}])  # nobody arriving: no wait
-    lone = time.monotonic() - t0
-    t0 = time.monotonic()
+    assert h.events == ["forward"], "a lone request waited for a timer"
+    h.events.clear()
     h.submit_all([{"x": np.ones((1, 2), np.float32)}], arriving=1)  # one that never completes: waits it out
-    waited = time.monotonic() - t0
+    still_arriving = h.batcher.arriving
     h.batcher.arriving = 0
     h.close()
-    assert lone < 0.1 and 0.14 <= waited < 2.0, (lone, waited)
+    # One max_batch_time timer, and the forward pass ran when it fired, the awaited request still missing.
+    assert h.events == [("timer set", 0.15), "timer fired", "forward"], h.events
+    assert still_arriving == 1 and len(rec.calls) == 2

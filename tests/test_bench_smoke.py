@@ -58,10 +58,15 @@ def test_wrk_run_is_parsed_and_matches_the_server_count(servers: tuple[harness.S
     res, raw = wrk.run(dl.infer_url("mlp"), body, headers, connections=4, duration_s=1)
     served = infer_total(dl) - before
     assert res.errors == 0, raw
-    assert res.requests > 20, raw
+    assert res.requests > 0, raw
     # wrk counts completed responses; at most one in-flight request per connection is cut off at the end.
     assert res.requests <= served <= res.requests + 4, (res, served)
-    assert 0.5 * res.requests <= res.rps <= 1.5 * res.requests, raw  # a 1-second run
+    # Requests/sec is wrk's count over wrk's own run time ("N requests in 1.02s"), however long the run took
+    # on this machine; both are printed rounded.
+    total = re.search(r"^\s*(\d+) requests in ([\d.]+)(us|ms|s|m|h)", raw, re.M)
+    assert total is not None, raw
+    seconds = float(total.group(2)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}[total.group(3)]
+    assert res.rps == pytest.approx(res.requests / seconds, rel=0.02), raw
     assert 0 < res.p50_ms <= res.p90_ms <= res.p99_ms, raw
 
 
