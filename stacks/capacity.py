@@ -1,10 +1,20 @@
 """``dlstack capacity``: measure what one replica sustains under a p99 objective, then size the Deployment.
 
-Measure: start the real model server for an artifact with ``DLSTACK_CPU_LIMIT=C`` (so workers and
-threads are laid out as in a pod with that CPU limit), pin it to ceil(C) cores when the machine has
-more, and load it at rising concurrency (1, 2, 4, ...) until p99 exceeds the objective, requests
-fail, or throughput stops rising (two steps in a row under +5 %). The load generator is wrk (Lua POST script) when
-installed, else a Python thread pool.
+Measure: start the real model server for an artifact (a directory, or a registry reference such as
+``mnist-mlp:2``) with ``DLSTACK_CPU_LIMIT=C`` (so workers and threads are laid out as in a pod with
+that CPU limit), pin it to ceil(C) cores when the machine has more, and load it at rising
+concurrency (1, 2, 4, ...) until p99 exceeds the objective, requests fail, throughput stops rising
+(two steps in a row under +5 %), or the load budget (``--duration-s``) is spent. The load generator
+is wrk (Lua POST script) when installed, else a Python thread pool.
+
+The budget bounds the ramp, not the server start: every step gets whole seconds that fit in what is
+left, less ``STEP_GRACE_S`` for the load generator to stop, and a request still in flight when its
+step ends is cut off rather than waited for (wrk drops it; the Python generator's read timeout ends
+with the step), so one slow answer cannot carry the ramp past the budget.
+
+With ``--write-config ENV`` the artifact must be the version the ENV stack file's entry resolves to
+(through the registry, aliases included); sizing one version into an entry that runs another is
+refused before anything is measured.
 
 Recommend (the headroom, default 30 %, is spare capacity for spikes and a lost pod):
 
@@ -45,6 +55,8 @@ MAX_CONCURRENCY = 64
 PLATEAU_GAIN = 1.05  # a step must beat the best req/s so far by 5 % to count as "still rising"
 PLATEAU_STEPS = 2  # stop after this many steps in a row that do not rise
 MI = 1 << 20
+STEP_GRACE_S = 1.0  # how far past its length one load step may run (load generator start and stop)
+REQUEST_TIMEOUT_S = 10.0  # a request that takes longer counts as failed
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,8 @@ class Measurement:
     steps: tuple[Step, ...]  # in order of rising concurrency
     peak_pss_bytes: int  # peak proportional set size of all server processes, bytes
     stop_reason: str  # why the ramp stopped
+    budget_s: float = 120.0  # the load budget (--duration-s), seconds
+    budget_spent: bool = False  # True when the budget ran out before anything else stopped the ramp
 
     @property
     def best(self) -> Step:
@@ -284,25 +298,32 @@ done = function(summary, latency, requests)
 end
 """
 
-LoadFn = Callable[[int, float], tuple[int, int, float, float, float]]
+# run(concurrency, seconds) -> (answered, failed, elapsed s, p50 ms, p99 ms); returns within seconds + STEP_GRACE_S.
+LoadFn = Callable[[int, int], tuple[int, int, float, float, float]]
 
 
 def wrk_load(url: str, body_path: Path, cores: set[int] | None) -> LoadFn:
     script = body_path.with_suffix(".lua")
     script.write_text(_WRK_SCRIPT.format(body=body_path))
 
-    def run(concurrency: int, seconds: float) -> tuple[int, int, float, float, float]:
+    def run(concurrency: int, seconds: int) -> tuple[int, int, float, float, float]:
         threads = max(1, min(concurrency, len(cores) if cores else 2))
-        argv = [WRK, "-t", str(threads), "-c", str(concurrency), "-d", f"{max(1, round(seconds))}s"]
-        argv += ["--timeout", "10s", "-s", str(script), url]
-        res = subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            timeout=seconds + 30,
-            check=False,
-            preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,
-        )
+        # wrk takes whole seconds; the ramp asks for whole seconds, so nothing is rounded up past the budget.
+        argv = [WRK, "-t", str(threads), "-c", str(concurrency), "-d", f"{seconds}s"]
+        argv += ["--timeout", f"{REQUEST_TIMEOUT_S:g}s", "-s", str(script), url]
+        try:
+            res = subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                timeout=seconds + STEP_GRACE_S + 10,
+                check=False,
+                preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,
+            )
+        except subprocess.TimeoutExpired:
+            raise UserError(
+                f"wrk ran 10 s past its {seconds} s and was stopped; rerun, or use --loadgen python"
+            ) from None
         line = next((x for x in res.stdout.splitlines() if x.startswith("DLSTACK ")), None)
         if res.returncode != 0 or line is None:
             raise UserError(f"wrk failed (exit {res.returncode}): {res.stderr.strip() or res.stdout.strip()}")
@@ -316,18 +337,27 @@ def python_load(url: str, body: bytes) -> LoadFn:
     import numpy as np
     import requests
 
-    def run(concurrency: int, seconds: float) -> tuple[int, int, float, float, float]:
+    def run(concurrency: int, seconds: int) -> tuple[int, int, float, float, float]:
         latencies: list[float] = []
         errors = [0]
         lock = threading.Lock()
         stop_at = time.monotonic() + seconds
+        # Waiting for every request in flight at the end let one slow answer (up to the 10 s timeout)
+        # carry the step, and so the ramp, past its budget. As in wrk, a request still unanswered
+        # shortly after the step ends is cut off and counted neither as an answer nor as a failure.
+        cut_at = stop_at + STEP_GRACE_S / 2
 
         def worker() -> None:
             with requests.Session() as s:
-                while time.monotonic() < stop_at:
+                while (now := time.monotonic()) < stop_at:
+                    limit = min(REQUEST_TIMEOUT_S, cut_at - now)
                     t0 = time.perf_counter()
                     try:
-                        ok = s.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=10).ok
+                        ok = s.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=limit).ok
+                    except requests.Timeout:
+                        if limit < REQUEST_TIMEOUT_S:
+                            continue  # cut off by the end of the step
+                        ok = False
                     except requests.RequestException:
                         ok = False
                     dt = time.perf_counter() - t0
@@ -350,7 +380,98 @@ def python_load(url: str, body: bytes) -> LoadFn:
     return run
 
 
+# --- the ramp ----------------------------------------------------------------------------------------
+
+
+def concurrency_levels() -> list[int]:
+    """1, 2, 4, ... up to MAX_CONCURRENCY."""
+    return [1 << i for i in range(MAX_CONCURRENCY.bit_length()) if 1 << i <= MAX_CONCURRENCY]
+
+
+def step_seconds(budget_s: float, levels: int) -> int:
+    """Whole seconds per step (wrk's unit), so that every level fits in the budget.
+
+    Planned with half the grace: measured, a step costs 0.05 s (wrk) to 0.3 s (Python) beyond its
+    length. The ramp still keeps the whole grace free before each step, so a slower step shortens or
+    drops the last level instead of overrunning.
+    """
+    return max(1, math.floor(budget_s / levels - STEP_GRACE_S / 2))
+
+
+@dataclass(frozen=True)
+class Ramp:
+    """The load steps run and why they stopped."""
+
+    steps: tuple[Step, ...]  # in order of rising concurrency
+    stop_reason: str  # why the ramp stopped
+    budget_spent: bool  # True when the budget ran out before anything else stopped it
+    peak_pss_bytes: int  # peak PSS sampled after each step, bytes
+
+
+def ramp(
+    run: LoadFn,
+    p99_ms: float,
+    budget_s: float,
+    *,
+    cpu_seconds: Callable[[], float] = lambda: 0.0,
+    pss_bytes: Callable[[], int] = lambda: 0,
+    clock: Callable[[], float] = time.monotonic,
+    log: Callable[[str], None] = lambda _: None,
+) -> Ramp:
+    """Load at rising concurrency until a stop condition; no step starts that could end past ``budget_s``."""
+    levels = concurrency_levels()
+    planned = step_seconds(budget_s, len(levels))
+    deadline = clock() + budget_s
+    steps: list[Step] = []
+    peak = 0
+    reason, spent = f"reached concurrency {levels[-1]}", False
+    best, flat = 0.0, 0
+    for conc in levels:
+        # A step may overrun its length by up to STEP_GRACE_S; a step cut to under half its planned
+        # length would measure little, so the ramp ends there instead.
+        fits = math.floor(deadline - clock() - STEP_GRACE_S)
+        if fits < max(1, planned // 2):
+            reason = f"the {budget_s:g} s load budget was spent before concurrency {conc}"
+            spent = True
+            break
+        seconds = min(planned, fits)
+        cpu0, t0 = cpu_seconds(), clock()
+        n, errors, elapsed, p50, p99 = run(conc, seconds)
+        cores = (cpu_seconds() - cpu0) / max(clock() - t0, 1e-6)
+        peak = max(peak, pss_bytes())
+        step = Step(conc, n, errors, elapsed, n / elapsed if elapsed else 0.0, p50, p99, cores)
+        steps.append(step)
+        log(f"{conc:>11} {step.rps:>9.1f} {p50:>8.1f} {p99:>8.1f} {errors:>7} {cores:>9.2f}")
+        if errors:
+            reason = f"{errors} failed requests at concurrency {conc}"
+            break
+        if n == 0:
+            reason = f"no request was answered within the {seconds} s step at concurrency {conc}"
+            break
+        if p99 > p99_ms:
+            reason = f"p99 {p99:.1f} ms > {p99_ms:g} ms at concurrency {conc}"
+            break
+        # Two flat steps in a row, not one: a single dip is often noise on a busy machine.
+        flat = flat + 1 if best and step.rps < best * PLATEAU_GAIN else 0
+        if flat >= PLATEAU_STEPS:
+            reason = f"throughput stopped rising at concurrency {conc}"
+            break
+        best = max(best, step.rps)
+    return Ramp(tuple(steps), reason, spent, peak)
+
+
 # --- measure -----------------------------------------------------------------------------------------
+
+
+def check_flags(*, p99_ms: float, cpu: float, duration_s: float, target_rps: float | None = None) -> None:
+    if target_rps is not None and target_rps <= 0:
+        raise UserError(f"--target-rps must be > 0, got {target_rps:g}")
+    if p99_ms <= 0:
+        raise UserError(f"--p99-ms must be > 0, got {p99_ms:g}")
+    if cpu <= 0:
+        raise UserError(f"--cpu must be > 0 cores, got {cpu:g}")
+    if duration_s < 3:
+        raise UserError(f"--duration-s must be >= 3 seconds, got {duration_s:g}")
 
 
 def measure(
@@ -365,28 +486,14 @@ def measure(
     """Run the ramp against a fresh server; ``duration_s`` bounds the load (not the server start)."""
     from services.artifact import load_spec
 
-    if p99_ms <= 0:
-        raise UserError(f"--p99-ms must be > 0, got {p99_ms:g}")
-    if cpu <= 0:
-        raise UserError(f"--cpu must be > 0 cores, got {cpu:g}")
-    if duration_s < 3:
-        raise UserError(f"--duration-s must be >= 3 seconds, got {duration_s:g}")
+    check_flags(p99_ms=p99_ms, cpu=cpu, duration_s=duration_s)
     spec = load_spec(artifact_dir)
     body = request_body(spec)
     use_wrk = loadgen == "wrk" or (loadgen == "auto" and shutil.which(WRK) is not None)
     if loadgen == "wrk" and shutil.which(WRK) is None:
         raise UserError(f"--loadgen wrk: {WRK} is not installed (apt-get install wrk), or use --loadgen python")
-    levels = []
-    c = 1
-    while c <= MAX_CONCURRENCY:
-        levels.append(c)
-        c *= 2
-    step_s = max(1.0, duration_s / len(levels))
     server_cores, load_cores = _split_cpus(cpu)
     server = Server(artifact_dir, cpu, server_cores)
-    steps: list[Step] = []
-    peak = 0
-    reason = f"reached concurrency {MAX_CONCURRENCY}"
     with tempfile.TemporaryDirectory(prefix="dlstack-capacity-") as tmp:
         try:
             server.wait_ready()
@@ -399,65 +506,63 @@ def measure(
             body_path = Path(tmp) / "body.json"
             body_path.write_bytes(body)
             run = wrk_load(url, body_path, load_cores) if use_wrk else python_load(url, body)
-            deadline = time.monotonic() + duration_s
-            best, flat = 0.0, 0
-            for conc in levels:
-                left = deadline - time.monotonic()
-                if left < 1.0:
-                    reason = f"the {duration_s:g} s load budget is spent"
-                    break
-                cpu0, t0 = server.cpu_seconds(), time.monotonic()
-                n, errors, elapsed, p50, p99 = run(conc, min(step_s, left))
-                cores = (server.cpu_seconds() - cpu0) / max(time.monotonic() - t0, 1e-6)
-                peak = max(peak, server.pss_bytes())
-                step = Step(conc, n, errors, elapsed, n / elapsed if elapsed else 0.0, p50, p99, cores)
-                steps.append(step)
-                log(f"{conc:>11} {step.rps:>9.1f} {p50:>8.1f} {p99:>8.1f} {errors:>7} {cores:>9.2f}")
-                if errors:
-                    reason = f"{errors} failed requests at concurrency {conc}"
-                    break
-                if p99 > p99_ms:
-                    reason = f"p99 {p99:.1f} ms > {p99_ms:g} ms at concurrency {conc}"
-                    break
-                # Two flat steps in a row, not one: a single dip is often noise on a busy machine.
-                flat = flat + 1 if best and step.rps < best * PLATEAU_GAIN else 0
-                if flat >= PLATEAU_STEPS:
-                    reason = f"throughput stopped rising at concurrency {conc}"
-                    break
-                best = max(best, step.rps)
+            r = ramp(run, p99_ms, duration_s, cpu_seconds=server.cpu_seconds, pss_bytes=server.pss_bytes, log=log)
         finally:
             server.stop()
-    if not steps:
-        raise UserError(f"no load step completed within --duration-s {duration_s:g}; raise it")
+    if not r.steps:
+        raise UserError(f"no load step fit in --duration-s {duration_s:g}; raise it")
     return Measurement(
         model=spec.name,
         version=spec.version,
         cpu=cpu,
         p99_limit_ms=p99_ms,
         loadgen="wrk" if use_wrk else "python",
-        steps=tuple(steps),
-        peak_pss_bytes=peak,
-        stop_reason=reason,
+        steps=r.steps,
+        peak_pss_bytes=r.peak_pss_bytes,
+        stop_reason=r.stop_reason,
+        budget_s=duration_s,
+        budget_spent=r.budget_spent,
     )
 
 
 # --- outputs -----------------------------------------------------------------------------------------
 
+LABEL_OFFSETS_PT = (4, 10, 16, 26, 38)  # how far from its point a concurrency label may sit, nearest first
+LEADER_FROM_PT = 16  # from this distance on, a thin line leads from the label to its point
+# (dx, dy, ha, va): the label's side of the point, and the alignment that keeps the text on that side.
+LABEL_SIDES = (
+    (1, 1, "left", "bottom"),
+    (-1, 1, "right", "bottom"),
+    (1, -1, "left", "top"),
+    (-1, -1, "right", "top"),
+    (1, 0, "left", "center"),
+    (-1, 0, "right", "center"),
+    (0, 1, "center", "bottom"),
+    (0, -1, "center", "top"),
+)
+LABEL_GAP_PX = 2.0  # the least space between two labels, or a label and a marker or line
 
-def plot(m: Measurement, path: Path) -> Path:
-    """PNG of p99 latency against throughput, one point per concurrency, with the objective as a line."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def figure(m: Measurement) -> Any:
+    """p99 latency against throughput, one point per concurrency, with the objective as a line.
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    rps = [s.rps for s in m.steps]
-    p99 = [s.p99_ms for s in m.steps]
-    ax.plot(rps, p99, "o-", color="tab:blue", label="p99 latency (one replica)")
-    for s in m.steps:
-        ax.annotate(f"c={s.concurrency}", (s.rps, s.p99_ms), textcoords="offset points", xytext=(4, 6), fontsize=8)
+    No two labels overlap: the legend sits under the axes, and each ``c=N`` label takes the nearest
+    free spot around its point (clear of other labels, the markers, the curve, the objective and
+    capacity lines), or is left out when there is none: crowded points lose labels rather than
+    overprint them.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.6), dpi=110)
+    FigureCanvasAgg(fig)  # no pyplot: no global figure state, nothing to close
+    ax = fig.add_subplot()
+    shown = [s for s in m.steps if math.isfinite(s.p99_ms)]
+    rps = [s.rps for s in shown]
+    p99 = [s.p99_ms for s in shown]
+    (curve,) = ax.plot(rps, p99, "o-", color="tab:blue", label="p99 latency (one replica)")
     ax.axhline(m.p99_limit_ms, color="tab:red", linestyle="--", label=f"p99 objective {m.p99_limit_ms:g} ms")
+    best: Step | None = None
     try:
         best = m.best
         ax.axvline(best.rps, color="tab:green", linestyle=":", label=f"max sustainable {best.rps:.0f} req/s")
@@ -465,17 +570,87 @@ def plot(m: Measurement, path: Path) -> Path:
         pass
     ax.set_xlabel("throughput (requests/s)")
     ax.set_ylabel("p99 latency (ms)")
-    ax.set_title(f"{m.model} v{m.version}: one replica, CPU {cpu_quantity(m.cpu)} ({m.loadgen})")
-    ax.set_xlim(left=0, right=max(rps) * 1.15 if rps else None)
+    spent = ", load budget spent" if m.budget_spent else ""
+    ax.set_title(f"{m.model} v{m.version}: one replica, CPU {cpu_quantity(m.cpu)} ({m.loadgen}{spent})")
+    ax.set_xlim(left=0, right=max([*rps, 1.0]) * 1.15)
     ax.set_ylim(bottom=0, top=max([*p99, m.p99_limit_ms]) * 1.2)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
+    # Under the axes: inside, the legend covered the objective line and the labels of the points.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=3, fontsize=8, frameon=False)
     fig.tight_layout()
+    _label_points(fig, ax, curve, shown, m.p99_limit_ms, best)
+    return fig
+
+
+def _label_points(fig: Any, ax: Any, line: Any, steps: list[Step], p99_limit_ms: float, best: Step | None) -> None:
+    from matplotlib.path import Path as Segments
+    from matplotlib.text import Text
+    from matplotlib.transforms import Bbox
+
+    renderer = fig.canvas.get_renderer()
+    area = ax.get_window_extent(renderer).padded(-1)
+    to_px = ax.transData.transform
+    r = line.get_markersize() * fig.dpi / 72 / 2 + LABEL_GAP_PX
+    curve = line.get_transform().transform_path(line.get_path())  # the segments between points, in pixels
+    points = [to_px((s.rps, s.p99_ms)) for s in steps]
+    markers = [Bbox.from_extents(x - r, y - r, x + r, y + r) for x, y in points]
+    y = to_px((0, p99_limit_ms))[1]
+    rules = [Bbox.from_extents(area.x0, y - LABEL_GAP_PX, area.x1, y + LABEL_GAP_PX)]
+    if best is not None:
+        x = to_px((best.rps, 0))[0]
+        rules.append(Bbox.from_extents(x - LABEL_GAP_PX, area.y0, x + LABEL_GAP_PX, area.y1))
+    texts: list[Any] = []  # placed label texts, padded
+    leaders: list[Any] = []  # placed leader lines, straight from the marker's edge to the text's centre
+
+    def free(i: int, text: Any, leader: Any) -> bool:
+        if not (area.x0 <= text.x0 and text.x1 <= area.x1 and area.y0 <= text.y0 and text.y1 <= area.y1):
+            return False
+        if any(text.overlaps(b) for b in (*markers, *rules, *texts)) or curve.intersects_bbox(text, False):
+            return False
+        if any(p.intersects_bbox(text, False) for p in leaders):
+            return False
+        # A leader that crossed the curve or passed close to another marker would seem to point at it.
+        others = [b.padded(r) for j, b in enumerate(markers) if j != i]
+        return leader is None or not (
+            curve.intersects_path(leader, False) or any(leader.intersects_bbox(b, False) for b in (*others, *texts))
+        )
+
+    # The best point and the one that ended the ramp matter most: they get the first pick of spots.
+    last = len(steps) - 1
+    for i in sorted(range(len(steps)), key=lambda i: (not (steps[i] is best or i == last), i)):
+        s, (px, py) = steps[i], points[i]
+        for dist, (dx, dy, ha, va) in ((d, side) for d in LABEL_OFFSETS_PT for side in LABEL_SIDES):
+            lead = {"arrowstyle": "-", "color": "0.5", "lw": 0.6, "shrinkB": line.get_markersize() / 2 + 1}
+            ann = ax.annotate(
+                f"c={s.concurrency}",
+                (s.rps, s.p99_ms),
+                textcoords="offset points",
+                xytext=(dx * dist, dy * dist),
+                ha=ha,
+                va=va,
+                fontsize=8,
+                arrowprops=lead if dist >= LEADER_FROM_PT else None,
+            )
+            ann.update_positions(renderer)
+            text = Text.get_window_extent(ann, renderer)
+            leader = None
+            if dist >= LEADER_FROM_PT:
+                cx, cy = (text.x0 + text.x1) / 2, (text.y0 + text.y1) / 2
+                n = math.hypot(cx - px, cy - py)
+                leader = Segments([(px + (cx - px) * r / n, py + (cy - py) * r / n), (cx, cy)])
+            if free(i, text, leader):
+                texts.append(text.padded(LABEL_GAP_PX))
+                if leader is not None:
+                    leaders.append(leader)
+                break
+            ann.remove()
+
+
+def plot(m: Measurement, path: Path) -> Path:
+    """Write ``figure(m)`` as a PNG."""
+    fig = figure(m)
     buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png")
-    finally:
-        plt.close(fig)
+    fig.savefig(buf, format="png", dpi=fig.dpi)  # the dpi the labels were placed at
     return atomic_write(path, buf.getvalue())
 
 
@@ -527,6 +702,65 @@ def report(m: Measurement, rec: Recommendation) -> dict[str, Any]:
     }
 
 
+# --- what to measure -----------------------------------------------------------------------------------
+
+
+def resolve_artifact(arg: str, registry: Path | None = None) -> Path:
+    """ARTIFACT as given on the command line: an artifact directory, or a registry reference."""
+    path = Path(arg)
+    if path.is_dir():
+        return path
+    if not path.exists() and "/" not in arg and (":" in arg or "@" in arg):
+        from services.registry import Registry
+
+        # The registry's own copy: read-only files, which the server only reads.
+        return Registry(registry).resolve(arg).path
+    raise UserError(
+        f"{arg}: not a directory; pass an artifact made by `dlstack package` or `dlstack models export`, "
+        "or a registry reference such as mnist-mlp:2"
+    )
+
+
+def check_runs(
+    artifact: str, spec: Any, stack: str, entry: str, config_file: Path | None = None, registry: Path | None = None
+) -> None:
+    """Refuse when ``artifact`` is not the version that ``entry`` of the ``stack`` file resolves to.
+
+    Sizing is only valid for the version that was measured: another version can be slower or bigger.
+    """
+    from services.registry import Registry
+    from stacks.config import load_stack_config, stack_file
+
+    path = config_file if config_file is not None else stack_file(stack)
+    cfg = load_stack_config(stack, path)
+    model = next((m for m in cfg.models if m.name == entry), None)
+    if model is None:
+        names = ", ".join(m.name for m in cfg.models) or "none"
+        raise UserError(
+            f"{path.name}: model {entry!r} is not in dlstack:models (it has: {names}); add an entry for it "
+            "first, or pass --model NAME to size an existing entry"
+        )
+    try:
+        mv = Registry(registry).resolve(model.model)
+    except UserError as exc:
+        raise UserError(f"{path.name}: {entry}: {exc.message}") from exc
+    runs = mv.ref if model.model == mv.ref else f"{mv.ref} ({model.model})"
+    fix = (
+        f"measure that version: `dlstack models export {mv.ref} DIR`, then rerun with DIR "
+        f"(or pass {mv.ref} as ARTIFACT)"
+    )
+    if (spec.name, spec.version) != (mv.name, mv.version):
+        raise UserError(
+            f"{artifact} is {spec.name}:{spec.version}, but {path.name} runs {runs} for {entry}; "
+            f"its sizing would come from another version; {fix}"
+        )
+    if spec.sha256 != mv.sha256:
+        raise UserError(
+            f"{artifact} says {spec.name}:{spec.version}, but its files are not the registry's {mv.ref} "
+            f"(model sha256 {spec.sha256[:12]} != {mv.sha256[:12]}), which {path.name} runs for {entry}; {fix}"
+        )
+
+
 # --- CLI ---------------------------------------------------------------------------------------------
 
 
@@ -535,34 +769,52 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "capacity",
         help="measure one replica under load and recommend replicas, HPA target and resources",
         description=(
-            "Start the model server for ARTIFACT_DIR, load it at rising concurrency until p99 exceeds "
-            "--p99-ms, and size the Deployment for --target-rps with --headroom spare capacity."
+            "Start the model server for ARTIFACT, load it at rising concurrency until p99 exceeds "
+            "--p99-ms (within --duration-s), and size the Deployment for --target-rps with --headroom "
+            "spare capacity."
         ),
     )
-    p.add_argument("artifact_dir", metavar="ARTIFACT_DIR", type=Path)
+    p.add_argument(
+        "artifact",
+        metavar="ARTIFACT",
+        help="artifact directory (`dlstack package`, `dlstack models export`) or registry reference NAME:VERSION",
+    )
     p.add_argument("--target-rps", type=float, required=True, help="requests/s the model must serve")
     p.add_argument("--p99-ms", type=float, required=True, help="p99 latency objective in milliseconds")
     p.add_argument("--cpu", type=float, default=1.0, help="CPU limit of one replica in cores (default 1)")
-    p.add_argument("--duration-s", type=float, default=120.0, help="load-test budget in seconds (default 120)")
+    p.add_argument("--duration-s", type=float, default=120.0, help="load-ramp budget in seconds (default 120)")
     p.add_argument("--headroom", type=float, default=HEADROOM, help="spare capacity share (default 0.3 = 30%%)")
     p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto", help="default: wrk if installed")
     p.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG of p99 latency against throughput")
-    p.add_argument("--write-config", metavar="ENV", help="write the sizing into Pulumi.ENV.yaml")
+    p.add_argument(
+        "--write-config",
+        metavar="ENV",
+        help="write the sizing into Pulumi.ENV.yaml (refused unless ARTIFACT is the version ENV runs)",
+    )
     p.add_argument("--config-file", type=Path, metavar="PATH", help="stack file to write (default Pulumi.ENV.yaml)")
     p.add_argument("--model", metavar="NAME", help="model entry to size (default: the name in model.yaml)")
+    p.add_argument("--registry", type=Path, help="registry directory (default $DLSTACK_REGISTRY or ./.registry)")
     p.add_argument("--report", type=Path, metavar="PATH", help="also write measurement + recommendation as JSON")
     p.set_defaults(func=handler)
 
 
 def handler(args: argparse.Namespace) -> int:
-    if not args.artifact_dir.is_dir():
-        raise UserError(f"{args.artifact_dir}: not a directory; pass an artifact made by `dlstack package`")
-    if args.target_rps <= 0:
-        raise UserError(f"--target-rps must be > 0, got {args.target_rps:g}")
-    print(f"dlstack capacity: {args.artifact_dir} with CPU {cpu_quantity(args.cpu)}, p99 objective {args.p99_ms:g} ms")
+    from services.artifact import load_spec
+
+    check_flags(p99_ms=args.p99_ms, cpu=args.cpu, duration_s=args.duration_s, target_rps=args.target_rps)
+    artifact = resolve_artifact(args.artifact, args.registry)
+    spec = load_spec(artifact)
+    entry = args.model or spec.name
+    if args.write_config:
+        # Before the load test: a refusal after minutes of measuring would waste them.
+        check_runs(args.artifact, spec, args.write_config, entry, args.config_file, args.registry)
+    print(
+        f"dlstack capacity: {args.artifact} ({spec.name}:{spec.version}) with CPU {cpu_quantity(args.cpu)}, "
+        f"p99 objective {args.p99_ms:g} ms, load budget {args.duration_s:g} s"
+    )
     print(f"{'concurrency':>11} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'cpu cores':>9}")
     m = measure(
-        args.artifact_dir,
+        artifact,
         args.p99_ms,
         cpu=args.cpu,
         duration_s=args.duration_s,
@@ -570,6 +822,12 @@ def handler(args: argparse.Namespace) -> int:
         log=lambda line: print(line, flush=True),
     )
     print(f"stopped: {m.stop_reason} (load generator: {m.loadgen})")
+    if m.budget_spent:
+        print(
+            f"  note: the ramp stopped on its {m.budget_s:g} s budget before p99 broke the objective, so one "
+            "replica may sustain more than measured and the sizing may ask for more replicas than needed; raise "
+            "--duration-s to ramp further"
+        )
     if args.plot:
         print(f"plot: {plot(m, args.plot)}")
     rec = recommend(m, args.target_rps, args.headroom)
@@ -594,6 +852,6 @@ def handler(args: argparse.Namespace) -> int:
     if args.report:
         args.report.write_text(json.dumps(report(m, rec), indent=2) + "\n")
     if args.write_config:
-        path = write_config(args.write_config, args.model or m.model, rec, args.config_file)
-        print(f"wrote {path}: model {args.model or m.model}: replicas and resources")
+        path = write_config(args.write_config, entry, rec, args.config_file)
+        print(f"wrote {path}: model {entry} ({spec.name}:{spec.version}): replicas and resources")
     return 0

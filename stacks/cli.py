@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "stacks.render",  # render, render-diff
     "stacks.promote",  # promote, rollback
     "stacks.capacity",  # capacity
+    "stacks.outputs",  # outputs
 )
 
 
