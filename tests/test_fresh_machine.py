@@ -131,3 +131,17 @@ def test_nothing_in_the_default_suite_or_ci_reads_shared() -> None:
         if not line.lstrip().startswith("#") and re.search(r"\.\./shared|/ \"shared\"", line)
     ]
     assert len(scanned) > 20 and offenders == []
+
+
+def test_readme_states_the_bind_address_the_server_really_uses() -> None:
+    from stacks.cli import build_parser
+
+    serve = build_parser().parse_args(["serve", "artifact"])
+    readme = (ROOT / "README.md").read_text()
+    assert f"{serve.host}:{serve.port}" == "0.0.0.0:8080"
+    assert "0.0.0.0:8080" in readme
+    # Clients may well connect to 127.0.0.1; no sentence may claim the server listens only there.
+    claims = [
+        line for line in readme.splitlines() if re.search(r"(serves?|serving|server) (it )?on .*127\.0\.0\.1", line)
+    ]
+    assert claims == []
