@@ -24,7 +24,14 @@ for _key, _value in (("GIT_AUTHOR_NAME", "dlstack tests"), ("GIT_AUTHOR_EMAIL", 
 ROOT = Path(__file__).resolve().parent.parent
 
 # System tools by the Debian package that provides them; `make sysdeps` installs them all.
-TOOL_PACKAGES = {"promtool": "prometheus", "prometheus": "prometheus", "git-lfs": "git-lfs", "wrk": "wrk"}
+TOOL_PACKAGES = {
+    "promtool": "prometheus",
+    "prometheus": "prometheus",
+    "git-lfs": "git-lfs",
+    "wrk": "wrk",
+    "docker-registry": "docker-registry",
+    "skopeo": "skopeo",
+}
 
 
 def in_ci() -> bool:

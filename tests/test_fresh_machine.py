@@ -62,7 +62,7 @@ def test_sysdeps_without_root_or_sudo_prints_the_exact_command_and_stops(box: Pa
     res = sysdeps(bare_path(box, "python3"), "test", user="nobody")
     assert res.returncode == 1
     assert res.stdout == ""
-    pkgs = "curl git git-lfs make prometheus wrk"
+    pkgs = "curl docker-registry git git-lfs make prometheus skopeo wrk"
     assert res.stderr == (
         f"dlstack: missing system packages ({pkgs}); as root run: apt-get update && apt-get install -y {pkgs}\n"
     )
@@ -82,7 +82,7 @@ def test_sysdeps_uses_sudo_only_when_not_root(box: Path) -> None:
 
     res = sysdeps(bin_dir, "test", user="nobody")
     assert res.returncode == 0, res.stderr
-    install = "apt-get install -y --no-install-recommends curl git-lfs prometheus wrk"
+    install = "apt-get install -y --no-install-recommends curl docker-registry git-lfs prometheus skopeo wrk"
     assert log.read_text().splitlines() == ["sudo apt-get update", f"sudo {install}"]
     log.write_text("")
     res = sysdeps(bin_dir, "test")  # as root
