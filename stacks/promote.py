@@ -6,6 +6,10 @@ chosen entries with ruamel.yaml round-trip, so comments and key order survive, v
 the result with the ``stacks.config`` schema before an atomic write, can gate on the SLO
 measured by Prometheus, prints the offline render diff, and appends a record to the
 promotion history, which ``rollback`` walks back.
+
+A pinned digest is only runnable where the image is: when prod's image registry is another one,
+the image dev runs is copied there by digest (``stacks.images``, skopeo) and read back, after every
+check and before any write, so a failed copy leaves the stack file and the history untouched.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 
 from services.atomic import atomic_write
 from services.errors import UserError
+from stacks.images import ImageCopy, ImageCopyError, check_insecure, copy_image, promoted_tag, split_ref
 
 HISTORY_ENV = "DLSTACK_PROMOTIONS"
 DEFAULT_HISTORY = Path("stacks") / "promotions.yaml"
@@ -80,6 +85,7 @@ class PromotionResult:
     render_diff: str | None  # offline render diff, None when render is unavailable
     render_note: str  # why render_diff is None, or ""
     gates: list[GateResult] = field(default_factory=list)  # SLO gate results (empty without --require-slo)
+    images: dict[str, ImageCopy] = field(default_factory=dict)  # model -> its image copy (digest-pinned only)
     written: bool = False  # False for --dry-run
 
 
@@ -218,6 +224,20 @@ def _running(outputs: dict[str, Any], name: str) -> tuple[str | None, str | None
         digest = m.group(0) if m else None
     sha = entry.get("sha256")
     return (str(version) if version is not None else None), digest, (str(sha) if sha else None)
+
+
+def _image_copy(outputs: dict[str, Any], name: str, mv: Any, digest: str, src: Any, dst: Any) -> ImageCopy:
+    """Where entry ``name``'s image comes from (the ref dev reports, else dev's images.registry) and goes."""
+    entry = outputs["models"][name]
+    repo = split_ref(str(entry["image"]))[0] if entry.get("image") else ""
+    model = mv.name
+    # The program names images <images.registry>/<registry model name>, so the target is what prod will pull.
+    return ImageCopy(
+        source=repo or f"{src.images.registry}/{model}",
+        target=f"{dst.images.registry}/{model}",
+        digest=digest,
+        tag=promoted_tag(mv.version, digest),
+    )
 
 
 # ---- the SLO gate -----------------------------------------------------------------------
@@ -390,6 +410,7 @@ def promote(
     history_file: Path | None = None,
     dry_run: bool = False,
     render: bool = True,
+    insecure_registries: Sequence[str] = (),
 ) -> PromotionResult:
     """Pin ``to_stack``'s models to what ``from_stack`` runs; refuse with a reason on any doubt."""
     from services.registry import Registry
@@ -397,6 +418,10 @@ def promote(
 
     if from_stack == to_stack:
         raise PromotionError(f"--from and --to are both {from_stack!r}; promote between two stacks, e.g. dev -> prod")
+    try:
+        insecure = check_insecure(insecure_registries)
+    except ImageCopyError as exc:
+        raise PromotionError(exc.message) from exc
     if require_slo and not prometheus:
         raise PromotionError("--require-slo needs --prometheus URL (the Prometheus that scrapes the source stack)")
     stack_dir = stack_dir or default_stack_dir()
@@ -421,6 +446,7 @@ def promote(
     doc, indent = _load_rt(dst_path)
     seq = _models_seq(doc, dst_path)
     changes: list[Change] = []
+    images: dict[str, ImageCopy] = {}
     for name in names:
         src_models = {m.name: m for m in src.models}
         if name not in src_models:
@@ -458,6 +484,8 @@ def promote(
                 f"{dst_path.name}: {name} has framework {dst.model(name).framework.value} but {mv.ref} is "
                 f"{mv.framework}; fix the framework in {dst_path.name}"
             )
+        if outs is not None and digest is not None:
+            images[name] = _image_copy(outs, name, mv, digest, src, dst)
         old = str(entry["model"])
         changes.append(Change(name, old, mv.ref, _digest_of(entry), digest))
         _apply(entry, mv.ref, digest)
@@ -479,9 +507,17 @@ def promote(
                 + "; ".join(f"{g.model}:{g.version}: {g.reason}" for g in failed)
             )
     result = _finish(to_stack, dst_path, before, after, registry, render)
-    result.changes, result.gates = changes, gates
+    result.changes, result.gates, result.images = changes, gates, images
     if dry_run:
         return result
+    # Last step before writing: every check has passed, and a pin must never precede its image.
+    # A no-op re-copies too (skopeo skips what is there): it repairs a pin whose image never arrived.
+    for img in images.values():
+        if img.needed:
+            try:
+                copy_image(img, insecure)
+            except ImageCopyError as exc:
+                raise PromotionError(f"image copy failed, nothing was written: {exc.message}") from exc
     _write_atomic(dst_path, after)
     result.written = True
     hist = history_file or default_history(stack_dir)
@@ -490,6 +526,7 @@ def promote(
         if c.noop:
             continue
         gate = next((asdict(g) for g in gates if g.model == c.new.split(":")[0]), None)
+        copied = images[c.model] if c.model in images and images[c.model].needed else None
         _append_history(
             hist,
             {
@@ -501,6 +538,9 @@ def promote(
                 "new": c.new,
                 "old_digest": c.old_digest,
                 "digest": c.digest,
+                # The image prod now pulls, and where it was copied from (None: nothing was copied).
+                "image_from": copied.source_ref if copied else None,
+                "image_to": copied.target_ref if copied else None,
                 "git_commit": commit,
                 "time": _now(),
                 "user": _who(stack_dir),
@@ -592,6 +632,9 @@ def rollback(
             "old_digest": change.old_digest,
             "digest": change.digest,
             "undoes": idx,
+            # No copy: the restored image was promoted (copied) into this registry before.
+            "image_from": None,
+            "image_to": None,
             "git_commit": _git(["rev-parse", "HEAD"], stack_dir),
             "time": _now(),
             "user": _who(stack_dir),
@@ -614,6 +657,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--require-slo", action="store_true", help="refuse unless Prometheus shows the SLO is met")
     p.add_argument("--prometheus", help="Prometheus base URL for --require-slo")
     p.add_argument("--window", default="1h", help="SLO measurement window (default 1h)")
+    p.add_argument(
+        "--insecure-registry",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a loopback image registry that serves plain HTTP (repeatable); others: registries.conf",
+    )
     _common(p)
     p.set_defaults(func=cmd_promote)
 
@@ -638,8 +688,19 @@ def _report(result: PromotionResult, verb: str) -> None:
         if c.noop:
             print(f"unchanged {c.model}: {c.new}")
             continue
-        pin = f" (image {c.digest})" if c.digest else " (no image digest known: prod builds from the registry)"
+        pin = (
+            f" (image {c.digest})"
+            if c.digest
+            else " (no image digest known: prod builds from the registry; no image to copy)"
+        )
         print(f"{verb} {c.model}: {c.old} -> {c.new}{pin}")
+    for name, img in result.images.items():
+        if not img.needed:
+            print(f"image {name}: {img.source_ref} is already in the target's registry (same repository)")
+        elif result.written:
+            print(f"copied image {name}: {img.source_ref} -> {img.target_ref} (digest read back from the target)")
+        else:
+            print(f"would copy image {name}: {img.source_ref} -> {img.target_ref}")
     for g in result.gates:
         print(f"SLO gate {g.model}:{g.version} over {g.window}: {'PASS' if g.passed else 'FAIL'}: {g.reason}")
     print(result.diff or f"{result.target.name}: no change", end="" if result.diff else "\n")
@@ -666,6 +727,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
         history_file=args.history,
         dry_run=args.dry_run,
         render=not args.no_render,
+        insecure_registries=args.insecure_registry,
     )
     _report(result, "promoted" if result.written else "would promote")
     return 0

@@ -312,9 +312,16 @@ def test_rollback_refuses_a_hand_edited_pin(env: dict[str, Path], capsys: pytest
     )
 
 
-def test_promote_on_the_projects_own_stack_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_promote_on_the_projects_own_stack_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The real Pulumi.dev.yaml/Pulumi.prod.yaml: only the model line changes and the pin is appended."""
+    from stacks.images import ImageCopy
     from tests.conftest import ROOT
+
+    # Their image registries differ, so promotion copies the image; the real copy is tests/test_promote_images.py.
+    copies: list[ImageCopy] = []
+    monkeypatch.setattr("stacks.promote.copy_image", lambda copy, insecure: copies.append(copy) or [copy.digest])
 
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -341,6 +348,12 @@ def test_promote_on_the_projects_own_stack_files(tmp_path: Path, capsys: pytest.
     entry = "".join(lines[start:end]).replace(f"model: {prod_entry['model']}", "model: mnist-mlp:3", 1)
     entry += f"      image:\n        digest: {DIGEST3}\n"
     assert (repo / "Pulumi.prod.yaml").read_text() == "".join(lines[:start]) + entry + "".join(lines[end:])
+    assert [(c.source_ref, c.target_ref) for c in copies] == [
+        (
+            f"localhost:5001/dlstack/mnist-mlp@{DIGEST3}",
+            f"ghcr.io/acme/dlstack/mnist-mlp:v3-promoted-333333333333@{DIGEST3}",
+        )
+    ]
 
 
 def load_models(text: str) -> list[dict[str, object]]:
