@@ -179,8 +179,8 @@ def _manifest(skopeo: str, ref: str, digest: str, copy: ImageCopy, insecure: fro
     got = "sha256:" + hashlib.sha256(raw).hexdigest()
     if got != digest:
         raise ImageCopyError(
-            f"{ref} has digest {got} after the copy, not {digest}: the target registry rewrote the manifest; "
-            "prod would pull another image, so use a registry that stores manifests as pushed"
+            f"{ref} serves digest {got} after the copy, not {digest}: prod would run another image than the "
+            "source; check that the target registry stores manifests unchanged (and not per platform)"
         )
     return raw
 
