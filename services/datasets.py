@@ -297,7 +297,9 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_list)
     p = add_parser("show", "one dataset and the registered models trained on it")
     p.add_argument("ref", help="repo path or oid")
-    p.add_argument("--registry", type=Path, help="registry directory (default $DLSTACK_REGISTRY or ./.registry)")
+    p.add_argument(
+        "--registry", help="registry: a directory or s3://BUCKET/PREFIX (default $DLSTACK_REGISTRY or .registry)"
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_show)
     p = add_parser("verify", "check pointers and content against the manifest; flag large non-LFS blobs (exit 1)")

@@ -13,13 +13,13 @@ from services.errors import DlstackError
 
 
 def main() -> None:
-    from services.registry import Registry
     from stacks.config import load_pulumi_config
-    from stacks.program import build
+    from stacks.program import build, stack_registry
 
     try:
         cfg = load_pulumi_config(pulumi.get_stack())
-        outputs = build(cfg, Registry())
+        # $DLSTACK_REGISTRY, else the stack's dlstack:registry (CI: the team's bucket), else .registry.
+        outputs = build(cfg, stack_registry(cfg))
     except DlstackError as exc:
         raise pulumi.RunError(exc.message) from None
     for key, value in outputs.items():

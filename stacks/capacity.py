@@ -705,7 +705,7 @@ def report(m: Measurement, rec: Recommendation) -> dict[str, Any]:
 # --- what to measure -----------------------------------------------------------------------------------
 
 
-def resolve_artifact(arg: str, registry: Path | None = None) -> Path:
+def resolve_artifact(arg: str, registry: str | None = None) -> Path:
     """ARTIFACT as given on the command line: an artifact directory, or a registry reference."""
     path = Path(arg)
     if path.is_dir():
@@ -722,7 +722,7 @@ def resolve_artifact(arg: str, registry: Path | None = None) -> Path:
 
 
 def check_runs(
-    artifact: str, spec: Any, stack: str, entry: str, config_file: Path | None = None, registry: Path | None = None
+    artifact: str, spec: Any, stack: str, entry: str, config_file: Path | None = None, registry: str | None = None
 ) -> None:
     """Refuse when ``artifact`` is not the version that ``entry`` of the ``stack`` file resolves to.
 
@@ -741,7 +741,7 @@ def check_runs(
             "first, or pass --model NAME to size an existing entry"
         )
     try:
-        mv = Registry(registry).resolve(model.model)
+        mv = Registry.for_stack(cfg.registry, flag=registry).resolve(model.model)
     except UserError as exc:
         raise UserError(f"{path.name}: {entry}: {exc.message}") from exc
     runs = mv.ref if model.model == mv.ref else f"{mv.ref} ({model.model})"
@@ -793,7 +793,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("--config-file", type=Path, metavar="PATH", help="stack file to write (default Pulumi.ENV.yaml)")
     p.add_argument("--model", metavar="NAME", help="model entry to size (default: the name in model.yaml)")
-    p.add_argument("--registry", type=Path, help="registry directory (default $DLSTACK_REGISTRY or ./.registry)")
+    p.add_argument(
+        "--registry",
+        help="registry: a directory or s3://BUCKET/PREFIX (default $DLSTACK_REGISTRY, the stack's dlstack:registry, "
+        "else .registry)",
+    )
     p.add_argument("--report", type=Path, metavar="PATH", help="also write measurement + recommendation as JSON")
     p.set_defaults(func=handler)
 

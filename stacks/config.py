@@ -123,6 +123,18 @@ def _model_ref(value: Any) -> str:
 ModelRef = Annotated[str, BeforeValidator(_model_ref)]
 
 
+def _model_registry(value: Any) -> str:
+    from services.registry.location import check_location
+
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a registry location (write a directory or s3://BUCKET/PREFIX)")
+    return check_location(value)
+
+
+# Where the stack's models are registered: the grammar of services.registry.location.
+ModelRegistry = Annotated[str, BeforeValidator(_model_registry)]
+
+
 def ref_name(ref: str) -> str:
     """The model name of a reference ("mnist-mlp:1" -> "mnist-mlp")."""
     m = _MODEL_REF.match(ref)
@@ -356,6 +368,10 @@ class StackConfig(_Strict):
     logging: LoggingConfig = LoggingConfig()
     monitoring: MonitoringConfig = MonitoringConfig()
     models: tuple[ModelConfig, ...] = ()  # default none; the models this stack serves
+    # default none = .registry at the repository root (one machine); for a team, the shared model
+    # registry, e.g. s3://acme-models/dlstack (gs://, az:// too). A relative directory is taken from the
+    # repository root. --registry and $DLSTACK_REGISTRY override it.
+    registry: ModelRegistry | None = None
 
     @property
     def prod(self) -> bool:

@@ -75,7 +75,11 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--stack", required=True, help="stack name: reads Pulumi.<stack>.yaml (e.g. dev, prod)")
     p.add_argument("--config-file", type=Path, help="a stack file in the Pulumi.<stack>.yaml format to use instead")
-    p.add_argument("--registry", type=Path, help="registry directory (default $DLSTACK_REGISTRY or ./.registry)")
+    p.add_argument(
+        "--registry",
+        help="registry: a directory or s3://BUCKET/PREFIX (default $DLSTACK_REGISTRY, the stack's dlstack:registry, "
+        "else .registry)",
+    )
     p.add_argument("--out", type=Path, metavar="FILE", help="write the JSON to FILE instead of stdout")
     p.set_defaults(func=_outputs_cmd)
 
@@ -86,7 +90,9 @@ def _outputs_cmd(args: argparse.Namespace) -> int:
 
     if args.config_file is not None and not args.config_file.is_file():
         raise UserError(f"--config-file {args.config_file}: no such file; pass an existing Pulumi.<stack>.yaml")
-    outputs, undigested = stack_outputs(args.stack, args.config_file, Registry(args.registry))
+    # No --registry: evaluate() takes $DLSTACK_REGISTRY, else the stack file's dlstack:registry.
+    registry = Registry(args.registry) if args.registry else None
+    outputs, undigested = stack_outputs(args.stack, args.config_file, registry)
     text = to_json(outputs)
     if args.out is not None:
         atomic_write(args.out, text)

@@ -45,7 +45,24 @@ class ResolvedModel(Protocol):
 
 
 class ModelResolver(Protocol):
+    """What the program needs from ``services.registry.Registry`` (or one of its snapshots)."""
+
     def resolve(self, ref: str) -> Any: ...
+
+    def snapshot(self) -> ModelResolver:
+        """A view over one read of the index: a stack's models cost one request to an object store."""
+        ...
+
+
+def stack_registry(cfg: StackConfig, flag: str | None = None) -> Any:
+    """The registry the stack deploys from: ``--registry`` > ``$DLSTACK_REGISTRY`` > ``dlstack:registry`` > default.
+
+    ``pulumi up`` (``stacks/__main__.py``) and the offline render both build it here, so CI on a fresh
+    checkout resolves the same versions from the team's bucket as a laptop does.
+    """
+    from services.registry import Registry
+
+    return Registry.for_stack(cfg.registry, flag=flag)
 
 
 @dataclass(frozen=True)
@@ -169,9 +186,15 @@ def resolve_models(cfg: StackConfig, registry: ModelResolver) -> dict[str, Resol
     refs = sorted({m.model for m in cfg.models} | {m.canary.model for m in cfg.models if m.canary})
     out: dict[str, ResolvedModel] = {}
     problems = []
+    if not refs:
+        return out
+    try:
+        view = registry.snapshot()  # one index read for every reference (an object store: one GET)
+    except UserError as exc:  # unreachable, missing bucket, bad credentials: one line, before any resource
+        raise UserError(f"the model registry cannot be read: {exc.message}") from None
     for ref in refs:
         try:
-            out[ref] = registry.resolve(ref)
+            out[ref] = view.resolve(ref)
         except UserError as exc:
             problems.append(f"{ref}: {exc.message}")
     for i, m in enumerate(cfg.models):

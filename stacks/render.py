@@ -233,13 +233,13 @@ def _mask_secret(obj: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate(stack: str, config_file: Path | None = None, registry: Any = None) -> tuple[Any, dict[str, Any]]:
     """Parse the stack config and run the program under mocks: (mocks with every resource, outputs)."""
-    from services.registry import Registry
     from stacks.config import load_stack_config
     from stacks.mocks import run_program
-    from stacks.program import BuildOptions, build
+    from stacks.program import BuildOptions, build, stack_registry
 
     cfg = load_stack_config(stack, config_file)
-    reg = registry if registry is not None else Registry()
+    # A Registry object as given; a location string as --registry; None: $DLSTACK_REGISTRY, then the stack's key.
+    reg = registry if registry is not None and not isinstance(registry, str) else stack_registry(cfg, registry)
     options = BuildOptions(build_root=ROOT / "build" / "images", prepare_images=False)
     mocks, outputs = run_program(lambda: build(cfg, reg, options), project="dlstack", stack=stack)
     return mocks, outputs
@@ -442,7 +442,9 @@ def to_markdown(d: RenderDiff, a_label: str, b_label: str) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def render_git_ref(ref: str, stack: str, out: Path, config_file: Path | None = None, repo: Path = ROOT) -> Path:
+def render_git_ref(
+    ref: str, stack: str, out: Path, config_file: Path | None = None, repo: Path = ROOT, registry: str | None = None
+) -> Path:
     """Render ``stack`` as it was at git ``ref`` of ``repo`` (``git archive`` into a temp dir, its own code).
 
     Read-only for the repository: no worktree, no checkout. The model registry is the current one.
@@ -460,9 +462,12 @@ def render_git_ref(ref: str, stack: str, out: Path, config_file: Path | None = N
         subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True)
         if not (src / "stacks" / "render.py").is_file():
             raise UserError(f"git ref {ref!r} has no stacks/render.py; pick a commit that has the offline render")
-        from services.registry import default_root
+        from stacks.config import load_stack_config
+        from stacks.program import stack_registry
 
-        env = {**os.environ, "DLSTACK_REGISTRY": str(default_root().absolute()), "PYTHONPATH": str(src)}
+        # The registry this render uses (the working tree's stack file decides), whatever the old code's default.
+        current = stack_registry(load_stack_config(stack, config_file), registry)
+        env = {**os.environ, "DLSTACK_REGISTRY": current.url, "PYTHONPATH": str(src)}
         cmd = [sys.executable, "-m", "stacks.cli", "render", "--stack", stack, "--out", str(out.absolute())]
         if config_file is not None:
             cmd += ["--config-file", str(config_file.absolute())]
@@ -476,6 +481,12 @@ def render_git_ref(ref: str, stack: str, out: Path, config_file: Path | None = N
 # CLI
 
 
+_REGISTRY_HELP = (
+    "model registry: a directory or s3://BUCKET/PREFIX (default $DLSTACK_REGISTRY, else the stack's "
+    "dlstack:registry, else .registry)"
+)
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "render",
@@ -485,6 +496,7 @@ def register(sub: Any) -> None:
     p.add_argument("--stack", required=True, help="stack name: reads Pulumi.<stack>.yaml (e.g. dev, prod)")
     p.add_argument("--config-file", type=Path, help="a stack file in the Pulumi.<stack>.yaml format to use instead")
     p.add_argument("--out", type=Path, required=True, help="output directory (replaced)")
+    p.add_argument("--registry", help=_REGISTRY_HELP)
     p.set_defaults(func=_render_cmd)
 
     d = sub.add_parser(
@@ -497,13 +509,14 @@ def register(sub: Any) -> None:
     d.add_argument("--stack", help="stack for --git (e.g. dev)")
     d.add_argument("--config-file", type=Path, help="stack file for --git renders")
     d.add_argument("--out", type=Path, help="also write the markdown to this file")
+    d.add_argument("--registry", help=_REGISTRY_HELP + " (for --git)")
     d.set_defaults(func=_diff_cmd)
 
 
 def _render_cmd(args: argparse.Namespace) -> int:
     if args.config_file is not None and not args.config_file.is_file():
         raise UserError(f"--config-file {args.config_file}: no such file")
-    res = render(args.stack, args.out, args.config_file)
+    res = render(args.stack, args.out, args.config_file, registry=args.registry)
     print(f"rendered {args.stack}: {res.resources} resources, {res.files} files in {res.out}")
     return 0
 
@@ -515,8 +528,8 @@ def _diff_cmd(args: argparse.Namespace) -> int:
         if args.a or args.b:
             raise UserError("render-diff takes either two directories or --git REF, not both")
         with tempfile.TemporaryDirectory(prefix="dlstack-diff-") as tmp:
-            old = render_git_ref(args.git, args.stack, Path(tmp) / "old", args.config_file)
-            new = render(args.stack, Path(tmp) / "new", args.config_file).out
+            old = render_git_ref(args.git, args.stack, Path(tmp) / "old", args.config_file, registry=args.registry)
+            new = render(args.stack, Path(tmp) / "new", args.config_file, registry=args.registry).out
             text = to_markdown(diff_renders(old, new), f"{args.stack}@{args.git}", f"{args.stack}@working tree")
     else:
         if not (args.a and args.b):

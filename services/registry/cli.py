@@ -1,4 +1,4 @@
-"""``dlstack models ...``: register, list, show, alias, verify, export."""
+"""``dlstack models ...``: register, list, show, alias, verify, export, copy."""
 
 from __future__ import annotations
 
@@ -10,17 +10,20 @@ from pathlib import Path
 from typing import Any
 
 from services.artifact import MODEL_YAML, read_spec
+from services.registry.location import GRAMMAR
 from services.registry.registry import ModelVersion, Registry, parse_ref
 from services.registry.store import RegistryError
 
+REGISTRY_HELP = f"registry location: {GRAMMAR} (default $DLSTACK_REGISTRY, else .registry at the git top level)"
+
 
 def register(subparsers: Any) -> None:
-    models = subparsers.add_parser("models", help="model registry: register, list, show, alias, verify, export")
+    models = subparsers.add_parser("models", help="model registry: register, list, show, alias, verify, export, copy")
     sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
 
     def add(name: str, help_: str) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = sub.add_parser(name, help=help_)
-        p.add_argument("--registry", type=Path, help="registry directory (default $DLSTACK_REGISTRY or ./.registry)")
+        p.add_argument("--registry", help=REGISTRY_HELP)
         return p
 
     p = add("register", "store a model file or artifact directory as the next immutable version")
@@ -48,7 +51,7 @@ def register(subparsers: Any) -> None:
     alias = sub.add_parser("alias", help="point an alias (e.g. champion) at a version")
     alias_sub = alias.add_subparsers(dest="alias_command", metavar="ACTION", required=True)
     p = alias_sub.add_parser("set", help="alias set NAME ALIAS VERSION")
-    p.add_argument("--registry", type=Path, help="registry directory (default $DLSTACK_REGISTRY or ./.registry)")
+    p.add_argument("--registry", help=REGISTRY_HELP)
     p.add_argument("name")
     p.add_argument("alias")
     p.add_argument("version")
@@ -61,6 +64,18 @@ def register(subparsers: Any) -> None:
     p.add_argument("ref")
     p.add_argument("dest", type=Path)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "copy",
+        help="copy versions between registries (e.g. a laptop's into the team bucket), keeping their numbers",
+        description="Copy NAME (every version), NAME:VERSION or NAME@ALIAS (default: every model) from SRC to "
+        "DST, keeping version numbers, sha256 and lineage; aliases DST lacks come along. Idempotent; a "
+        "NAME:VERSION that DST holds with other content is refused.",
+    )
+    p.add_argument("src", help=f"source registry: {GRAMMAR}")
+    p.add_argument("dst", help=f"destination registry: {GRAMMAR}")
+    p.add_argument("refs", nargs="*", metavar="NAME[:VERSION]", help="what to copy (default: everything)")
+    p.set_defaults(func=cmd_copy)
 
 
 def _registry(args: argparse.Namespace) -> Registry:
@@ -110,7 +125,7 @@ def cmd_register(args: argparse.Namespace) -> int:
         print(json.dumps({**mv.summary(), "created": result.created}, indent=2))
         return 0
     if result.created:
-        print(f"registered {mv.ref} (sha256 {mv.sha256[:12]}) in {reg.root}")
+        print(f"registered {mv.ref} (sha256 {mv.sha256[:12]}) in {reg.url}")
     else:
         print(f"identical content is already registered as {mv.ref}; nothing stored")
     if given and local_version != mv.version:
@@ -199,9 +214,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"CORRUPT {p}", file=sys.stderr)
     n = len(reg.list_all())
     if problems:
-        print(f"{len(problems)} problem(s) in {reg.root}; restore the named files or re-register", file=sys.stderr)
+        print(f"{len(problems)} problem(s) in {reg.url}; restore the named files or re-register", file=sys.stderr)
         return 1
-    print(f"ok: {n} version(s) verified in {reg.root}")
+    print(f"ok: {n} version(s) verified in {reg.url}")
     return 0
 
 
@@ -209,4 +224,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     mv = _registry(args).resolve(args.ref)
     out = mv.export(args.dest)
     print(f"exported {mv.ref} to {out}")
+    return 0
+
+
+def cmd_copy(args: argparse.Namespace) -> int:
+    from services.registry.copy import copy_versions
+    from services.registry.location import parse_location
+
+    src = Registry(parse_location(args.src, "SRC"))
+    dst = Registry(parse_location(args.dst, "DST"))
+    results = copy_versions(src, dst, args.refs)
+    for r in results:
+        state = "copied" if r.copied else "already there"
+        print(f"{r.ref}  {r.sha256[:12]}  {state}")
+        for note in r.notes:
+            print(f"  {note}")
+    n = sum(r.copied for r in results)
+    print(f"{n} version(s) copied, {len(results) - n} already there: {src.url} -> {dst.url}")
     return 0

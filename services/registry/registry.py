@@ -2,8 +2,15 @@
 
 A version is a set of blobs (the framework files, by sha256) plus an index entry holding
 the ``model.yaml`` content and the lineage (framework version, git commit, datasets,
-metrics, author, time). Versions are integers as strings, assigned under the store lock,
-and never rewritten; identical content registered again returns the existing version.
+metrics, author, time). Versions are integers as strings, assigned inside one
+``Store.update_index`` change (under the lock of a directory, by compare-and-swap on an object
+store), and never rewritten; identical content registered again returns the existing version.
+
+Reads go through a ``RegistrySnapshot``: one read of the index answers every lookup made from it,
+so resolving all the models of a stack costs one request to an object store, not one per model.
+A version's files are materialized on first use of ``ModelVersion.path`` (a local registry does it
+at once, in ``<registry>/models/NAME/VERSION`` as it always has; an object-store registry in the
+cache, ``<cache>/checkouts/``), and ``export`` streams them from the blobs.
 """
 
 from __future__ import annotations
@@ -17,9 +24,10 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePath, PurePosixPath
 from typing import Any
 
 from pydantic import ValidationError
@@ -35,9 +43,10 @@ from services.artifact import (
     verify_files,
     write_spec,
 )
+from services.registry.cache import BlobCache
+from services.registry.location import REGISTRY_ENV, RegistryLocation, parse_location, registry_location
 from services.registry.store import LocalStore, RegistryError, Store
 
-REGISTRY_ENV = "DLSTACK_REGISTRY"
 LATEST = "latest"  # built-in alias: the highest version
 _REF_RE = re.compile(
     r"^(?P<name>[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(?::(?P<version>[0-9]+)|@(?P<alias>[A-Za-z0-9_.-]+))?$"
@@ -50,15 +59,6 @@ _FRAMEWORK_DISTS: dict[str, tuple[str, ...]] = {
     "tensorflow": ("tensorflow", "tensorflow-cpu"),
     "onnx": ("onnxruntime", "onnx"),
 }
-
-
-def default_root() -> Path:
-    """``$DLSTACK_REGISTRY``, else ``.registry`` at the git toplevel of the CWD, else in the CWD."""
-    env = os.environ.get(REGISTRY_ENV)
-    if env:
-        return Path(env)
-    top = git_output(["rev-parse", "--show-toplevel"], Path.cwd())
-    return Path(top or Path.cwd()) / ".registry"
 
 
 def git_output(args: list[str], cwd: Path) -> str | None:
@@ -96,16 +96,58 @@ class DatasetRef:
     path: str | None = None  # repo path when it was given as a path; None when given as an oid
 
 
+class _Blobs:
+    """Where a version's files come from: its blobs in a store (materialize and export read them)."""
+
+    def __init__(self, store: Store, blobs: dict[str, str]) -> None:
+        self.store = store
+        self.blobs = blobs  # relative path -> sha256
+
+    def write(self, d: Path, spec: ModelSpec) -> None:
+        """Every file, streamed from its blob and checked against its sha256, then model.yaml."""
+        for f in spec.files:
+            sub = {r: s for r, s in self.blobs.items() if r == f.path or r.startswith(f.path + "/")}
+            if _expected_tree(f, sub) != f.sha256:
+                raise RegistryError(
+                    f"{self.store.url}: {spec.name}:{spec.version}: stored blobs don't add up to the sha256 of "
+                    f"{f.path!r} in model.yaml; run `dlstack models verify`"
+                )
+        for rel, sha in self.blobs.items():
+            self.store.get_blob(sha, d / rel)
+        write_spec(d, spec)
+
+    def materialize(self, checkout: Path, spec: ModelSpec) -> None:
+        """Build ``checkout`` if it is absent (a fresh clone, another machine): read-only, renamed into place."""
+        if (checkout / MODEL_YAML).is_file():
+            return
+        checkout.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=checkout.parent, prefix=f".{checkout.name}."))
+        try:
+            self.write(tmp, spec)
+            for p in tmp.rglob("*"):
+                if p.is_file():
+                    p.chmod(0o444)
+            try:
+                tmp.rename(checkout)
+            except OSError:
+                if not (checkout / MODEL_YAML).is_file():  # lost a race to a concurrent reader: fine
+                    raise
+        finally:
+            if tmp.exists():
+                _make_writable(tmp)
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
 @dataclass(frozen=True)
 class ModelVersion:
-    """One immutable registered version; ``path`` is a ready artifact directory."""
+    """One immutable registered version; ``path`` is a ready artifact directory (materialized on first use)."""
 
     name: str  # model name (DNS-1123 label)
     version: str  # "1", "2", ...
     framework: str  # pytorch | keras | tensorflow | onnx
     sha256: str  # ModelSpec.sha256: one digest for the model files
     spec: ModelSpec  # the model.yaml content, version set
-    path: Path  # artifact dir inside the registry (model.yaml + files); read it, never edit it
+    checkout: Path  # where ``path`` materializes the artifact (model.yaml + files)
     created: str = ""  # ISO-8601 UTC registration time
     author: str = ""  # git user.name or $USER
     framework_version: str | None = None  # e.g. "torch==2.13.0"
@@ -115,31 +157,46 @@ class ModelVersion:
     metrics: dict[str, float | str] = field(default_factory=dict)  # e.g. {"accuracy": 0.97}
     note: str | None = None  # free text
     aliases: tuple[str, ...] = ()  # aliases pointing at this version
+    source: _Blobs | None = field(default=None, repr=False, compare=False)  # None: ``checkout`` is all there is
 
     @property
     def ref(self) -> str:
         return f"{self.name}:{self.version}"
 
+    @property
+    def path(self) -> Path:
+        """The artifact directory inside the registry (or its cache); read it, never edit it."""
+        if self.source is not None:
+            self.source.materialize(self.checkout, self.spec)
+        return self.checkout
+
     def export(self, dest: Path | str) -> Path:
-        """Write a standalone artifact directory (for the image build); refuses a non-empty ``dest``."""
+        """Write a standalone artifact directory (for the image build); refuses a non-empty ``dest``.
+
+        Files are streamed from the registry's blobs (through the cache for an object store) and
+        checked against their sha256 as they are written; no file is ever held in memory.
+        """
         d = Path(dest)
         if d.exists() and any(d.iterdir()):
             raise RegistryError(f"{d} is not empty; export into a new or empty directory")
-        verify_files(self.path, self.spec)
         d.mkdir(parents=True, exist_ok=True)
-        for f in self.spec.files:
-            src = self.path / f.path
-            if src.is_dir():
-                shutil.copytree(src, d / f.path, dirs_exist_ok=True)
-            else:
-                (d / f.path).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, d / f.path)
-        write_spec(d, self.spec)
+        if self.source is not None:
+            self.source.write(d, self.spec)
+        else:
+            verify_files(self.checkout, self.spec)
+            for f in self.spec.files:
+                src = self.checkout / f.path
+                if src.is_dir():
+                    shutil.copytree(src, d / f.path, dirs_exist_ok=True)
+                else:
+                    (d / f.path).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(src, d / f.path)
+            write_spec(d, self.spec)
         _make_writable(d)
         return d
 
     def summary(self) -> dict[str, Any]:
-        """JSON-ready description (``models show --json``)."""
+        """JSON-ready description (``models show --json``); ``path`` is where the files are (or will be)."""
         return {
             "name": self.name,
             "version": self.version,
@@ -156,7 +213,7 @@ class ModelVersion:
             "note": self.note,
             "aliases": list(self.aliases),
             "signature": self.spec.signature.model_dump(mode="json"),
-            "path": str(self.path),
+            "path": str(self.checkout),
         }
 
 
@@ -194,39 +251,31 @@ def _files_of(artifact: Path, spec: ModelSpec) -> list[tuple[str, Path]]:
     return out
 
 
-class Registry:
-    """``Registry(root)`` over a ``Store``; ``root`` defaults to ``default_root()``."""
+class RegistrySnapshot:
+    """The registry as of one read of its index: every lookup answers from that read."""
 
-    def __init__(self, root: Path | str | None = None, store: Store | None = None) -> None:
-        self.root = (Path(root) if root is not None else default_root()).absolute()
-        self.store: Store = store if store is not None else LocalStore(self.root)
+    def __init__(self, registry: Registry, index: dict[str, Any]) -> None:
+        self.registry = registry
+        self.index = index
 
-    # ---- reading -------------------------------------------------------------------------
-
-    def _index(self) -> dict[str, Any]:
-        return self.store.read_index()
+    def snapshot(self) -> RegistrySnapshot:
+        return self
 
     def names(self) -> list[str]:
-        return sorted(self._index()["models"])
+        return sorted(self.index["models"])
 
     def versions(self, name: str) -> list[ModelVersion]:
-        index = self._index()
-        model = self._model(index, name)
-        return [self._version(index, name, v) for v in sorted(model["versions"], key=int)]
+        model = self._model(name)
+        return [self._version(name, v) for v in sorted(model["versions"], key=int)]
 
     def list_all(self) -> list[ModelVersion]:
-        index = self._index()
-        return [
-            self._version(index, n, v)
-            for n in sorted(index["models"])
-            for v in sorted(index["models"][n]["versions"], key=int)
-        ]
+        models = self.index["models"]
+        return [self._version(n, v) for n in sorted(models) for v in sorted(models[n]["versions"], key=int)]
 
     def resolve(self, ref: str) -> ModelVersion:
-        """``name:version`` or ``name@alias`` (``@latest`` built in) -> the version, materialized."""
+        """``name:version`` or ``name@alias`` (``@latest`` built in) -> the version."""
         name, version, alias = parse_ref(ref)
-        index = self._index()
-        model = self._model(index, name)
+        model = self._model(name)
         if version is None:
             alias = alias or LATEST
             if alias == LATEST and LATEST not in model["aliases"]:
@@ -245,8 +294,9 @@ class Registry:
                 f"model {name!r} has no version {version!r} (versions: {known}); "
                 f"list them with `dlstack models show {name}`"
             )
-        mv = self._version(index, name, version)
-        self._materialize(mv, index["models"][name]["versions"][version])
+        mv = self._version(name, version)
+        if self.registry.location.local:
+            mv.path  # noqa: B018 - a local registry keeps every resolved version checked out, as it always has
         return mv
 
     def get(self, name: str, version: str) -> ModelVersion:
@@ -256,30 +306,25 @@ class Registry:
         """Lineage: every version trained on the dataset ``oid``."""
         return [mv for mv in self.list_all() if any(d.oid == oid for d in mv.datasets)]
 
-    def _model(self, index: dict[str, Any], name: str) -> dict[str, Any]:
-        if name not in index["models"]:
-            known = ", ".join(sorted(index["models"])) or "none"
-            raise RegistryError(
-                f"model {name!r} is not in the registry {self.root} (models: {known}); "
-                f"add it with `dlstack models register PATH --name {name} --framework F`"
-            )
-        model: dict[str, Any] = index["models"][name]
-        return model
+    def _model(self, name: str) -> dict[str, Any]:
+        return self.registry.model_entry(self.index, name)
 
-    def _version(self, index: dict[str, Any], name: str, version: str) -> ModelVersion:
-        model = index["models"][name]
+    def _version(self, name: str, version: str) -> ModelVersion:
+        model = self.index["models"][name]
         e = model["versions"][version]
         try:
             spec = ModelSpec.model_validate(e["spec"])
         except ValidationError as exc:
-            raise RegistryError(f"{self.root}: {name}:{version}: bad entry: {format_validation_error(exc)}") from exc
+            raise RegistryError(
+                f"{self.registry.url}: {name}:{version}: bad entry: {format_validation_error(exc)}"
+            ) from exc
         return ModelVersion(
             name=name,
             version=version,
             framework=spec.framework.value,
             sha256=spec.sha256,
             spec=spec,
-            path=self.root / "models" / name / version,
+            checkout=self.registry.checkout_dir(name, version, e),
             created=e.get("created", ""),
             author=e.get("author", ""),
             framework_version=e.get("framework_version"),
@@ -289,32 +334,112 @@ class Registry:
             metrics=dict(e.get("metrics", {})),
             note=e.get("note"),
             aliases=tuple(sorted(a for a, v in model["aliases"].items() if v == version)),
+            source=_Blobs(self.registry.store, dict(e["blobs"])),
         )
 
-    def _materialize(self, mv: ModelVersion, entry: dict[str, Any]) -> None:
-        """Build ``mv.path`` from blobs if it is absent (a fresh clone, another machine)."""
-        if (mv.path / MODEL_YAML).is_file():
-            return
-        mv.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=mv.path.parent, prefix=f".{mv.version}."))
-        try:
-            for rel, sha in entry["blobs"].items():
-                self.store.get_blob(sha, tmp / rel)
-            write_spec(tmp, mv.spec)
-            for p in tmp.rglob("*"):
-                if p.is_file():
-                    p.chmod(0o444)
-            try:
-                tmp.rename(mv.path)
-            except OSError:
-                if not (mv.path / MODEL_YAML).is_file():  # lost a race to a concurrent reader: fine
-                    raise
-        finally:
-            if tmp.exists():
-                _make_writable(tmp)
-                shutil.rmtree(tmp, ignore_errors=True)
 
-    # ---- writing -------------------------------------------------------------------------
+class Registry:
+    """The registry at ``location`` (``registry_location()`` when None: --registry > env > default).
+
+    ``location`` is a directory or an object-store URL (``services.registry.location``); ``store``
+    overrides the storage built from it (tests), ``cache`` the local blob cache of an object store.
+    """
+
+    def __init__(
+        self,
+        location: RegistryLocation | str | PurePath | None = None,
+        store: Store | None = None,
+        cache: BlobCache | None = None,
+    ) -> None:
+        if isinstance(location, RegistryLocation):
+            self.location = location
+        elif location is None:
+            self.location = registry_location()
+        else:
+            self.location = parse_location(location, "--registry")
+        self.url = self.location.url
+        self.cache = cache if cache is not None else BlobCache()
+        if store is None:
+            if self.location.local:
+                store = LocalStore(self.location.path)
+            else:
+                from services.registry.objectstore import ObjectStore
+
+                store = ObjectStore(self.location, self.cache)
+        self.store: Store = store
+
+    @classmethod
+    def for_stack(
+        cls, stack_value: str | None, flag: str | PurePath | None = None, stack_source: str = "dlstack:registry"
+    ) -> Registry:
+        """The registry a stack uses: ``--registry`` > ``$DLSTACK_REGISTRY`` > its ``dlstack:registry`` > default.
+
+        A relative directory in a stack file is taken from the repository root, where stack files live.
+        """
+        root = Path(__file__).resolve().parents[2]
+        return cls(registry_location(flag, stack_value, stack_source, stack_base=root))
+
+    @property
+    def root(self) -> Path:
+        """The directory of a local registry (an object-store registry has none: use ``url``)."""
+        return self.location.path
+
+    def __repr__(self) -> str:
+        return f"Registry({self.url!r})"
+
+    def checkout_dir(self, name: str, version: str, entry: dict[str, Any]) -> Path:
+        """Where a version's files are materialized.
+
+        A local registry: ``<registry>/models/NAME/VERSION``, as before. An object store's versions go
+        to the cache under the hash of their index entry, so two registries (or a bucket emptied and
+        refilled) can never serve each other's files under the same NAME:VERSION.
+        """
+        if self.location.local:
+            return self.location.path / "models" / name / version
+        key = hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()
+        return self.cache.root / "checkouts" / f"{name}-{version}-{key[:24]}"
+
+    def model_entry(self, index: dict[str, Any], name: str) -> dict[str, Any]:
+        if name not in index["models"]:
+            known = ", ".join(sorted(index["models"])) or "none"
+            raise RegistryError(
+                f"model {name!r} is not in the registry {self.url} (models: {known}); "
+                f"add it with `dlstack models register PATH --name {name} --framework F`"
+            )
+        model: dict[str, Any] = index["models"][name]
+        return model
+
+    # ---- reading: each call is one read of the index; use snapshot() for many lookups ----------
+
+    def snapshot(self) -> RegistrySnapshot:
+        """One read of the index, for any number of lookups."""
+        return RegistrySnapshot(self, self.store.read_index())
+
+    def names(self) -> list[str]:
+        return self.snapshot().names()
+
+    def versions(self, name: str) -> list[ModelVersion]:
+        return self.snapshot().versions(name)
+
+    def list_all(self) -> list[ModelVersion]:
+        return self.snapshot().list_all()
+
+    def resolve(self, ref: str) -> ModelVersion:
+        """``name:version`` or ``name@alias`` (``@latest`` built in) -> the version."""
+        return self.snapshot().resolve(ref)
+
+    def get(self, name: str, version: str) -> ModelVersion:
+        return self.resolve(f"{name}:{version}")
+
+    def models_for_dataset(self, oid: str) -> list[ModelVersion]:
+        """Lineage: every version trained on the dataset ``oid``."""
+        return self.snapshot().models_for_dataset(oid)
+
+    # ---- writing: every change of the index is one update_index call -----------------------
+
+    def update(self, change: Callable[[dict[str, Any]], Any]) -> Any:
+        """Apply ``change`` to the index atomically (lock or compare-and-swap; see ``Store.update_index``)."""
+        return self.store.update_index(change)
 
     def register(
         self,
@@ -344,7 +469,8 @@ class Registry:
             spec = ModelSpec.model_validate({**spec.model_dump(mode="json"), "name": name})
         except ValidationError as exc:
             raise RegistryError(f"--name {name!r}: {format_validation_error(exc)}") from exc
-        # Blobs first, outside the lock: they are content-addressed, so concurrent puts are harmless.
+        # Blobs first, outside the index change: content-addressed, so concurrent puts are harmless,
+        # and a writer that dies here leaves only unreferenced blobs, never a broken index.
         blobs = {rel: self.store.put_blob(p) for rel, p in _files_of(artifact, spec)}
         key = _content_key(spec)
         lineage = {
@@ -356,12 +482,14 @@ class Registry:
             "note": note,
             **_git_state(),
         }
-        with self.store.lock():
-            index = self._index()
+
+        def add(index: dict[str, Any]) -> tuple[str, bool]:
+            # Runs again on the re-read index after a lost compare-and-swap: the version is
+            # assigned from the index that is actually replaced, so no two writers share one.
             model = index["models"].setdefault(name, {"aliases": {}, "versions": {}})
             for v, e in model["versions"].items():
                 if e["content_key"] == key:
-                    return Registration(self.resolve(f"{name}:{v}"), created=False)
+                    return v, False
             version = str(max((int(v) for v in model["versions"]), default=0) + 1)
             final = spec.model_copy(
                 update={"version": version, "metadata": {**spec.metadata, "registry": _meta(lineage)}}
@@ -372,27 +500,33 @@ class Registry:
                 "blobs": blobs,
                 **lineage,
             }
-            self.store.write_index(index)
-        return Registration(self.resolve(f"{name}:{version}"), created=True)
+            return version, True
+
+        version, created = self.update(add)
+        return Registration(self.resolve(f"{name}:{version}"), created=created)
 
     def set_alias(self, name: str, alias: str, version: str) -> ModelVersion:
         if not _ALIAS_RE.match(alias) or alias == LATEST:
             raise RegistryError(
                 f"alias {alias!r} is invalid: use a letter then letters, digits, '_', '.', '-' (and not {LATEST!r})"
             )
-        with self.store.lock():
-            index = self._index()
-            model = self._model(index, name)
+
+        def point(index: dict[str, Any]) -> None:
+            model = self.model_entry(index, name)
             if version not in model["versions"]:
                 raise RegistryError(f"model {name!r} has no version {version!r}; see `dlstack models show {name}`")
             model["aliases"][alias] = version
-            self.store.write_index(index)
+
+        self.update(point)
         return self.resolve(f"{name}:{version}")
 
     def verify(self, only: str | None = None) -> list[str]:
-        """Re-hash every blob and materialized file (or those of ``only``, a NAME:VERSION); one line per problem."""
+        """Re-hash every stored blob and materialized file (or those of ``only``, a NAME:VERSION); one line per problem.
+
+        Blobs are read from the store itself, never from the cache, so bit rot in a bucket is found.
+        """
         problems: list[str] = []
-        index = self._index()
+        index = self.store.read_index()
         for name in sorted(index["models"]):
             for version, e in sorted(index["models"][name]["versions"].items(), key=lambda kv: int(kv[0])):
                 ref = f"{name}:{version}"
@@ -412,7 +546,7 @@ class Registry:
                     sub = {r: s for r, s in e["blobs"].items() if r == f.path or r.startswith(f.path + "/")}
                     if _expected_tree(f, sub) != f.sha256:
                         problems.append(f"{ref}: {f.path}: stored blobs don't add up to the sha256 in model.yaml")
-                checkout = self.root / "models" / name / version
+                checkout = self.checkout_dir(name, version, e)
                 if (checkout / MODEL_YAML).is_file():
                     try:
                         verify_files(checkout, spec)
@@ -423,11 +557,13 @@ class Registry:
         return problems
 
     def repair_checkout(self, ref: str) -> ModelVersion:
-        """Delete a materialized copy so the next ``resolve`` rebuilds it from verified blobs."""
-        mv = self.resolve(ref)
-        _make_writable(mv.path)
-        shutil.rmtree(mv.path)
-        return self.resolve(ref)
+        """Delete a materialized copy and rebuild it from verified blobs."""
+        mv = self.snapshot().resolve(ref)
+        if mv.checkout.exists():
+            _make_writable(mv.checkout)
+            shutil.rmtree(mv.checkout)
+        mv.path  # noqa: B018 - materializes it again
+        return mv
 
 
 def _expected_tree(entry: FileEntry, blobs: dict[str, str]) -> str:
@@ -464,7 +600,7 @@ __all__ = [
     "ModelVersion",
     "Registration",
     "Registry",
-    "default_root",
+    "RegistrySnapshot",
     "framework_version",
     "parse_ref",
 ]
