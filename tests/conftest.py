@@ -133,3 +133,7 @@ def torch_mlp_artifact(tmp_path: Path) -> Callable[..., Path]:
         return make_torch_mlp_artifact(tmp_path / f"artifact-{name}-{kw.get('version', '1')}", **kw)  # type: ignore[arg-type]
 
     return make
+
+
+# The S3 API server on loopback (tests/s3.py): a session fixture any test module can ask for.
+from tests.s3 import s3_server  # noqa: E402, F401

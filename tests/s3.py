@@ -70,6 +70,7 @@ class S3Server:
     def __init__(self, port: int, auth: bool = False, log: Path | None = None) -> None:
         self.port = port
         self.endpoint = f"http://127.0.0.1:{port}"
+        self.log = log  # one line per request (werkzeug's access log), for tests that count requests
         env = {**os.environ, "PYTHONPATH": str(ROOT), "MOTO_PORT": str(port)}
         if auth:
             env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"  # moto enforces IAM from the first request
@@ -111,6 +112,16 @@ class S3Server:
         name = f"{stem}-{uuid.uuid4().hex[:12]}"
         self.client().create_bucket(Bucket=name)
         return name
+
+    def requests(self, method: str, key_suffix: str) -> int:
+        """How many ``method`` requests for keys ending in ``key_suffix`` the server has answered so far."""
+        if self.log is None or not self.log.exists():
+            return 0
+        return sum(
+            1
+            for line in self.log.read_text(errors="replace").splitlines()
+            if f'"{method} /' in line and line.split('"')[1].split()[1].split("?")[0].endswith(key_suffix)
+        )
 
     def stop(self) -> None:
         if self.proc.poll() is None:
