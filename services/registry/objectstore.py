@@ -191,6 +191,11 @@ class ObjectStore:
             raise RegistryError(
                 f"{where}: the credentials were refused while {doing} ({code}); {_CREDENTIAL_HINT[loc.scheme]}"
             ) from None
+        if loc.scheme == "s3" and ("PermanentRedirect" in text or "301 Moved Permanently" in text):
+            raise RegistryError(
+                f"{where}: the bucket is in another region than {os.environ.get('AWS_REGION') or 'us-east-1'}; "
+                "set AWS_REGION to the bucket's region"
+            ) from None
         if any(m.lower() in text.lower() for m in _UNREACHABLE):
             why = next((m for m in ("Connection refused", "dns error", "timed out") if m.lower() in text.lower()), "")
             setting = "AWS_ENDPOINT_URL" if loc.scheme == "s3" else "the endpoint settings"
