@@ -114,7 +114,20 @@ def test_verify_accepts_a_clone_without_lfs_content(repo: Path, tmp_path: Path) 
     assert datasets.verify(clone / "stacks" / "datasets.yaml") == []
 
 
-def test_lineage_links_models_and_datasets(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_lineage_links_models_and_datasets(
+    repo: Path,
+    backend: str,
+    capsys: pytest.CaptureFixture[str],
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if backend == "s3":  # the same commands against a bucket on the test S3 server
+        from tests.s3 import point_at
+
+        server = request.getfixturevalue("s3_server")
+        point_at(server, monkeypatch, repo.parent / "cache")
+        monkeypatch.setenv("DLSTACK_REGISTRY", f"s3://{server.bucket()}/models")
     data = repo / "train.npz"
     data.write_bytes(b"d" * 100)
     datasets.add(data, "digits")
