@@ -295,3 +295,49 @@ def test_fresh_clone_renders_dev_and_prod_from_the_s3_registry(
         cwd=clone,
     )
     assert res.returncode == 2 and f"is not in the registry {tmp_path / 'empty'}" in res.stderr
+
+
+@pytest.mark.timeout(900)
+def test_promote_and_rollback_from_a_fresh_clone_with_the_s3_registry(
+    s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`dlstack outputs`, `promote` and `rollback` resolve and verify versions in the bucket."""
+    point_at(s3_server, monkeypatch, tmp_path / "laptop-cache")
+    url = f"s3://{s3_server.bucket()}/dlstack"
+    team = Registry(url)
+    for name in ("mnist-mlp", "tiny-cnn"):
+        team.register(make_torch_mlp_artifact(tmp_path / name, name=name), name, "pytorch")
+    team.register(make_torch_mlp_artifact(tmp_path / "mlp2", name="mnist-mlp", seed=7), "mnist-mlp", "pytorch")
+
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(ROOT), str(clone), env={**os.environ, "GIT_LFS_SKIP_SMUDGE": "1"})
+    dev = clone / "Pulumi.dev.yaml"
+    dev.write_text(dev.read_text().replace("model: mnist-mlp:1", "model: mnist-mlp:2"))
+    git(clone, "commit", "-qm", "dev runs mnist-mlp:2", "Pulumi.dev.yaml")
+    env = _clean_env(**s3_server.env, DLSTACK_REGISTRY=url, DLSTACK_CACHE=str(tmp_path / "ci"), PYTHONPATH=str(clone))
+    res = _dlstack("outputs", "--stack", "dev", "--out", str(tmp_path / "dev.json"), env=env, cwd=clone)
+    assert res.returncode == 0, res.stderr
+    promote = [
+        "promote",
+        "--from",
+        "dev",
+        "--to",
+        "prod",
+        "--model",
+        "mnist-mlp",
+        "--outputs",
+        str(tmp_path / "dev.json"),
+    ]
+    res = _dlstack(*promote, "--stack-dir", str(clone), env=env, cwd=clone)
+    assert res.returncode == 0, res.stderr
+    assert "model: mnist-mlp:2" in (clone / "Pulumi.prod.yaml").read_text()
+    git(clone, "commit", "-qm", "promote", "Pulumi.prod.yaml", "stacks/promotions.yaml")
+    res = _dlstack("rollback", "--env", "prod", "--model", "mnist-mlp", "--stack-dir", str(clone), env=env, cwd=clone)
+    assert res.returncode == 0, res.stderr
+    assert "model: mnist-mlp:1" in (clone / "Pulumi.prod.yaml").read_text()
+    git(clone, "commit", "-qm", "rollback", "Pulumi.prod.yaml", "stacks/promotions.yaml")
+    # The version must be in the bucket: a registry without it refuses, naming it.
+    res = _dlstack(
+        *promote, "--stack-dir", str(clone), env={**env, "DLSTACK_REGISTRY": str(tmp_path / "empty")}, cwd=clone
+    )
+    assert res.returncode == 2 and "mnist-mlp" in res.stderr, res.stderr
