@@ -185,6 +185,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(json.dumps(mv.summary(), indent=2))
         return 0
     s = mv.summary()
+    if not (mv.checkout / MODEL_YAML).is_file():
+        # An object-store version is downloaded on first use (export, serve, image build), not to show it.
+        s["path"] = f"{s['path']} (not downloaded yet: `dlstack models export {mv.ref} DIR` fetches it)"
     for key in ("ref", "framework", "framework_version", "sha256", "created", "author", "note", "path"):
         print(f"{key + ':':19} {s[key] if s[key] is not None else '-'}")
     git = "-" if mv.git_commit is None else mv.git_commit + (" (dirty)" if mv.git_dirty else "")
