@@ -14,6 +14,7 @@ from pathlib import Path, PurePath
 
 import pytest
 
+from services.artifact import file_sha256
 from services.errors import UserError
 from services.registry import Registry, parse_location, registry_location
 from tests.conftest import ROOT, free_port, git, make_torch_mlp_artifact
@@ -341,3 +342,37 @@ def test_promote_and_rollback_from_a_fresh_clone_with_the_s3_registry(
         *promote, "--stack-dir", str(clone), env={**env, "DLSTACK_REGISTRY": str(tmp_path / "empty")}, cwd=clone
     )
     assert res.returncode == 2 and "mnist-mlp" in res.stderr, res.stderr
+
+
+@pytest.mark.timeout(900)
+def test_the_pulumi_program_reads_the_stack_files_registry_key_and_stages_images_from_s3(
+    s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `pulumi up -s dev` runs (stacks/__main__.py), under mocks, in a fresh clone; the stack names the bucket."""
+    point_at(s3_server, monkeypatch, tmp_path / "laptop-cache")
+    url = f"s3://{s3_server.bucket()}/dlstack"
+    team = Registry(url)
+    for name in ("mnist-mlp", "tiny-cnn"):
+        team.register(make_torch_mlp_artifact(tmp_path / name, name=name), name, "pytorch")
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(ROOT), str(clone), env={**os.environ, "GIT_LFS_SKIP_SMUDGE": "1"})
+    program = (
+        "import json, runpy, sys\n"
+        "from ruamel.yaml import YAML\n"
+        "from stacks.mocks import run_program\n"
+        "raw = YAML(typ='safe').load(open('Pulumi.dev.yaml'))['config']\n"
+        f"raw['dlstack:registry'] = {url!r}\n"
+        "engine = {k: v if isinstance(v, str) else json.dumps(v) for k, v in raw.items()}\n"
+        "run_program(lambda: runpy.run_path('stacks/__main__.py', run_name='__main__'), stack='dev', config=engine)\n"
+    )
+    env = _clean_env(**s3_server.env, DLSTACK_CACHE=str(tmp_path / "ci"), PYTHONPATH=str(clone))
+    res = subprocess.run(
+        [sys.executable, "-c", program], cwd=clone, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    # The image build contexts hold the models exported (streamed, sha256-checked) from the bucket.
+    staged = {p.parent.parent.name.split("-v1-")[0]: p for p in (clone / "build" / "images").glob("*/model/model.pt")}
+    assert sorted(staged) == ["mnist-mlp", "tiny-cnn"]
+    for name, path in staged.items():
+        assert file_sha256(path) == team.resolve(f"{name}:1").spec.files[0].sha256
+    assert not (clone / ".registry").exists()
