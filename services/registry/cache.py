@@ -72,12 +72,10 @@ class BlobCache:
             Path(tmp).unlink(missing_ok=True)
         return dest
 
-    def add(self, src: Path, sha256: str) -> None:
-        """Seed the cache with a local file just uploaded (so the uploader never downloads it back)."""
-        if self.path(sha256).is_file():
-            return
-        with src.open("rb") as fh:
-            self.fill(sha256, iter(lambda: fh.read(CHUNK), b""), str(src))
+    def add(self, sha256: str, data: bytes, source: str) -> None:
+        """Seed the cache with bytes just uploaded (so the uploader never downloads them back)."""
+        if not self.path(sha256).is_file():
+            self.fill(sha256, [memoryview(data)], source)
 
 
 __all__ = ["CACHE_ENV", "CHUNK", "BlobCache", "default_cache_dir"]

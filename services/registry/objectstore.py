@@ -231,24 +231,23 @@ class ObjectStore:
         data = src.read_bytes()
         sha = hashlib.sha256(data).hexdigest()
         key = self._blob_key(sha)
-        if not self.has_blob(sha):  # skip re-uploading what is already there (re-registering, copies)
+        size = self._size(sha)  # skip re-uploading what is already there (re-registering, copies)
+        if size is None:
             try:
                 obs.put(self._store, key, data, mode="create")
             except AlreadyExistsError:
-                pass  # a concurrent writer stored the same content: content-addressed, so equal
+                size = self._size(sha)  # a concurrent writer stored it first: content-addressed, so equal
             except Exception as exc:
                 self._fail(exc, f"storing blob {sha[:12]}")
-        size = self._call(f"checking blob {sha[:12]}", lambda: obs.head(self._store, key))["size"]
-        if size != len(data):
+        if size is not None and size != len(data):
             raise RegistryError(
                 f"{self.url}: blob {sha} exists with {size} bytes, not {len(data)}: the bucket is damaged; "
                 "run `dlstack models verify` and delete the bad object"
             )
-        del data
-        self.cache.add(src, sha)  # the uploader never downloads its own files back
+        self.cache.add(sha, data, str(src))  # the uploader never downloads its own files back
         return sha
 
-    def _stream(self, sha256: str, doing: str) -> Iterator[bytes]:
+    def _stream(self, sha256: str, doing: str) -> Iterator[memoryview]:
         import obstore as obs
 
         try:
@@ -261,7 +260,7 @@ class ObjectStore:
             self._fail(exc, doing)
         try:
             for chunk in result.stream(min_chunk_size=CHUNK):
-                yield bytes(chunk) if not isinstance(chunk, bytes) else chunk
+                yield memoryview(chunk)  # obstore's buffer as it is: no copy per chunk
         except RegistryError:
             raise
         except Exception as exc:
@@ -282,16 +281,20 @@ class ObjectStore:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(cached, dest)
 
-    def has_blob(self, sha256: str) -> bool:
+    def _size(self, sha256: str) -> int | None:
+        """The stored blob's size, or None when there is no such object."""
         import obstore as obs
 
         try:
-            obs.head(self._store, self._blob_key(sha256))
+            meta = obs.head(self._store, self._blob_key(sha256))
         except Exception as exc:
             if _is_not_found(exc):
-                return False
+                return None
             self._fail(exc, f"checking blob {sha256[:12]}")
-        return True
+        return int(meta["size"])
+
+    def has_blob(self, sha256: str) -> bool:
+        return self._size(sha256) is not None
 
     def blob_sha256(self, sha256: str) -> str:
         import hashlib

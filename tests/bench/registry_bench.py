@@ -1,4 +1,4 @@
-"""The registry on S3 versus a local directory: ``python -m tests.bench.registry_bench [--mb 200] [--runs 5]``.
+"""The registry on S3 versus a local directory: ``python -m tests.bench.registry_bench [--mb 200] [--runs 11]``.
 
 Starts the test S3 server (``tests/s3.py``, moto on loopback), registers the example stacks' models
 (tiny real TorchScript models named mnist-mlp and tiny-cnn) in a local registry and in a bucket, then:
@@ -86,7 +86,7 @@ def _median_render(stack: str, location: str, work: Path, runs: int) -> tuple[fl
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=200, help="size of the exported blob in MiB (default 200)")
-    parser.add_argument("--runs", type=int, default=5, help="renders per stack and backend (default 5)")
+    parser.add_argument("--runs", type=int, default=11, help="renders per stack and backend (default 11)")
     parser.add_argument("--export-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.export_child:
