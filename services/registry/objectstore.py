@@ -119,7 +119,9 @@ def _open(loc: RegistryLocation) -> Any:
     except RegistryError:
         raise
     except Exception as exc:  # a bad AWS_* / GOOGLE_* / AZURE_* value: obstore says which
-        raise RegistryError(f"{loc.url}: cannot configure the client: {_first_line(exc)}") from None
+        raise RegistryError(
+            f"{loc.url}: cannot configure the client ({_first_line(exc)}); {_CREDENTIAL_HINT[loc.scheme]}"
+        ) from None
 
 
 def _first_line(exc: BaseException) -> str:
