@@ -181,6 +181,8 @@ class ObjectStore:
 
     def _fail(self, exc: BaseException, doing: str) -> NoReturn:
         """Turn any failure of the service into one line naming the URL and the fix."""
+        if isinstance(exc, RegistryError):  # already one line (e.g. from building the client)
+            raise exc
         loc, text = self.location, str(exc)
         where = f"{loc.url} (endpoint {endpoint_of(loc)}, from {loc.source})"
         if any(m in text for m in _BUCKET_MISSING):
