@@ -28,11 +28,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from services.atomic import atomic_write
 from services.errors import UserError
 from stacks.images import ImageCopy, ImageCopyError, check_insecure, copy_image, promoted_tag, split_ref
+
+if TYPE_CHECKING:
+    from services.registry import Registry
 
 HISTORY_ENV = "DLSTACK_PROMOTIONS"
 DEFAULT_HISTORY = Path("stacks") / "promotions.yaml"
@@ -320,15 +323,12 @@ def slo_gate(
 # ---- render diff ------------------------------------------------------------------------
 
 
-def render_diff(stack: str, before: Path, after: Path, registry: Path | None) -> tuple[str | None, str]:
+def render_diff(stack: str, before: Path, after: Path, reg: Registry) -> tuple[str | None, str]:
     """Offline render of ``stack`` from both config files and their markdown diff; (None, why) if unavailable."""
     try:
         from stacks.render import diff_renders, render, to_markdown
     except ImportError as exc:
         return None, f"render is unavailable ({exc}); review the stack file diff above instead"
-    from services.registry import Registry
-
-    reg = Registry(registry)
     try:
         with tempfile.TemporaryDirectory(prefix="dlstack-promote-render-") as tmp:
             a = render(stack, Path(tmp) / "before", config_file=before, registry=reg).out
@@ -405,7 +405,7 @@ def promote(
     require_slo: bool = False,
     prometheus: str | None = None,
     window: str = "1h",
-    registry: Path | None = None,
+    registry: str | None = None,
     stack_dir: Path | None = None,
     history_file: Path | None = None,
     dry_run: bool = False,
@@ -435,7 +435,8 @@ def promote(
     names = list(models) or [m.name for m in src.models]
     if not names:
         raise PromotionError(f"{src_path.name} has no models to promote")
-    reg = Registry(registry)
+    # The source stack's registry: that is where the versions it runs were resolved.
+    reg = Registry.for_stack(src.registry, flag=registry)
     outs = read_outputs(from_stack, stack_dir, outputs)
     if outs is None and not force:
         raise PromotionError(
@@ -506,7 +507,7 @@ def promote(
                 "SLO gate failed, nothing was written: "
                 + "; ".join(f"{g.model}:{g.version}: {g.reason}" for g in failed)
             )
-    result = _finish(to_stack, dst_path, before, after, registry, render)
+    result = _finish(to_stack, dst_path, before, after, reg, render)
     result.changes, result.gates, result.images = changes, gates, images
     if dry_run:
         return result
@@ -554,7 +555,7 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _finish(stack: str, path: Path, before: str, after: str, registry: Path | None, render: bool) -> PromotionResult:
+def _finish(stack: str, path: Path, before: str, after: str, reg: Registry, render: bool) -> PromotionResult:
     diff = "".join(
         difflib.unified_diff(
             before.splitlines(keepends=True), after.splitlines(keepends=True), f"a/{path.name}", f"b/{path.name}"
@@ -565,7 +566,7 @@ def _finish(stack: str, path: Path, before: str, after: str, registry: Path | No
         with tempfile.TemporaryDirectory(prefix="dlstack-promote-") as tmp:
             new = Path(tmp) / path.name
             new.write_text(after)
-            rdiff, note = render_diff(stack, path, new, registry)
+            rdiff, note = render_diff(stack, path, new, reg)
     return PromotionResult(changes=[], target=path, diff=diff, render_diff=rdiff, render_note=note)
 
 
@@ -578,7 +579,7 @@ def rollback(
     *,
     stack_dir: Path | None = None,
     history_file: Path | None = None,
-    registry: Path | None = None,
+    registry: str | None = None,
     force: bool = False,
     dry_run: bool = False,
     render: bool = True,
@@ -614,7 +615,12 @@ def rollback(
     _apply(entry, change.new, change.digest)
     before, after = path.read_text(), _dump(doc, indent)
     _validate(env, path, after)
-    result = _finish(env, path, before, after, registry, render)
+    from services.registry import Registry
+    from stacks.config import load_stack_config
+
+    cfg = load_stack_config(env, path)
+    reg = Registry.for_stack(cfg.registry, flag=registry)
+    result = _finish(env, path, before, after, reg, render)
     result.changes = [change]
     if dry_run:
         return result
@@ -676,7 +682,11 @@ def register(subparsers: Any) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--registry", type=Path, help="registry directory (default $DLSTACK_REGISTRY or ./.registry)")
+    p.add_argument(
+        "--registry",
+        help="model registry: a directory or s3://BUCKET/PREFIX (default $DLSTACK_REGISTRY, else the stack file's "
+        "dlstack:registry, else ./.registry)",
+    )
     p.add_argument("--stack-dir", type=Path, help="directory with the Pulumi.<stack>.yaml files (default repo root)")
     p.add_argument("--history", type=Path, help=f"promotion history (default ${HISTORY_ENV} or {DEFAULT_HISTORY})")
     p.add_argument("--dry-run", action="store_true", help="show the diff, write nothing")

@@ -342,6 +342,15 @@ def test_promote_and_rollback_from_a_fresh_clone_with_the_s3_registry(
         *promote, "--stack-dir", str(clone), env={**env, "DLSTACK_REGISTRY": str(tmp_path / "empty")}, cwd=clone
     )
     assert res.returncode == 2 and "mnist-mlp" in res.stderr, res.stderr
+    # With the bucket named in the stack files instead of the environment, promote finds it there too.
+    for stack in ("dev", "prod"):
+        f = clone / f"Pulumi.{stack}.yaml"
+        f.write_text(f.read_text().replace("config:\n", f"config:\n  dlstack:registry: {url}\n", 1))
+    git(clone, "commit", "-qm", "the team registry", "Pulumi.dev.yaml", "Pulumi.prod.yaml")
+    no_env = {k: v for k, v in env.items() if k != "DLSTACK_REGISTRY"}
+    res = _dlstack(*promote, "--stack-dir", str(clone), env=no_env, cwd=clone)
+    assert res.returncode == 0, res.stderr
+    assert "model: mnist-mlp:2" in (clone / "Pulumi.prod.yaml").read_text()
 
 
 @pytest.mark.timeout(900)
