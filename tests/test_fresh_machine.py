@@ -128,7 +128,7 @@ def test_nothing_in_the_default_suite_or_ci_reads_shared() -> None:
         for f in scanned
         if f not in allowed and not f.endswith(".json")
         for line in (ROOT / f).read_text(errors="replace").splitlines()
-        if not line.lstrip().startswith("#") and re.search(r"\.\./shared|/ \"shared\"", line)
+        if not line.lstrip().startswith("#") and re.search(r"\.\./shared|parent / \"shared\"", line)
     ]
     assert len(scanned) > 20 and offenders == []
 
