@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from services import names
 from services.errors import UserError
 
 INFER_ROUTES = "infer|v1_predict"
@@ -47,7 +48,6 @@ ALERTS = (ALERT_ERROR_RATIO, ALERT_LATENCY, ALERT_TARGET_DOWN, ALERT_PODS_NOT_RE
 CANARY_SUFFIX = "-canary"
 RUNBOOK_BASE = "https://github.com/dlstack/dlstack/blob/main/README.md#runbook"
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _DURATION = re.compile(r"^([0-9]+(ms|s|m|h|d|w|y))+$")
 
 
@@ -69,9 +69,9 @@ class ModelSLO:
 
     def __post_init__(self) -> None:
         where = f"model {self.name!r}"
-        if not _DNS_LABEL.match(self.name):
+        if not names.matches(names.DNS_LABEL, self.name):
             raise UserError(f"{where}: name must be a DNS-1123 label (lowercase letters, digits, '-')")
-        if not _DNS_LABEL.match(self.namespace):
+        if not names.matches(names.DNS_LABEL, self.namespace):
             raise UserError(f"{where}: namespace {self.namespace!r} must be a DNS-1123 label")
         if not 0 < self.error_ratio < 1:
             raise UserError(f"{where}: slo.error_ratio {self.error_ratio} must be between 0 and 1 (e.g. 0.01 = 1%)")
@@ -79,7 +79,7 @@ class ModelSLO:
             raise UserError(f"{where}: slo.p99_ms {self.p99_ms} must be a positive number of milliseconds")
         for field in ("error_for", "latency_for", "down_for", "not_ready_for"):
             value = getattr(self, field)
-            if not _DURATION.match(value):
+            if not _DURATION.fullmatch(value):
                 raise UserError(f"{where}: {field}={value!r} is not a Prometheus duration (e.g. '5m', '30s', '1h')")
 
     @property
@@ -208,7 +208,7 @@ def rule_groups(models: Sequence[ModelSLO], *, interval: str = "") -> list[dict[
         if (m.namespace, m.name) in seen:
             raise UserError(f"model {m.name!r} is listed twice in namespace {m.namespace!r}; give each one SLO")
         seen.add((m.namespace, m.name))
-    if interval and not _DURATION.match(interval):
+    if interval and not _DURATION.fullmatch(interval):
         raise UserError(f"rule group interval {interval!r} is not a Prometheus duration (e.g. '30s')")
     groups = []
     for m in models:

@@ -26,6 +26,7 @@ from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models.dashboard import DataSourceRef, Threshold, ThresholdsMode
 
 from infra.alerts import CANARY_SUFFIX, ERROR_RATIO, INFER_ROUTES, LATENCY_P50, LATENCY_P99, REQUESTS_RATE
+from services import names
 from services.errors import UserError
 
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
@@ -95,14 +96,12 @@ def _encode(builder: dash_b.Dashboard) -> dict[str, Any]:
 
 
 def _check_names(namespace: str, models: Sequence[str]) -> None:
-    from infra.alerts import _DNS_LABEL
-
-    if not _DNS_LABEL.match(namespace):
+    if not names.matches(names.DNS_LABEL, namespace):
         raise UserError(f"dashboard namespace {namespace!r} must be a DNS-1123 label")
     if not models:
         raise UserError("overview dashboard: no models given; list at least one model")
     for m in models:
-        if not _DNS_LABEL.match(m):
+        if not names.matches(names.DNS_LABEL, m):
             raise UserError(f"dashboard model {m!r} must be a DNS-1123 label (the model name in model.yaml)")
 
 
@@ -252,9 +251,9 @@ def overview_dashboard(models: Sequence[str], namespace: str, *, deployments: Se
     ``deployments`` (default () = the model names) are the Deployments kube-state-metrics reports.
     """
     _check_names(namespace, models)
-    names = "|".join(models)
+    alternatives = "|".join(models)
     deps = "|".join(deployments or models)
-    sel = f'namespace="{namespace}", model=~"{names}"'
+    sel = f'namespace="{namespace}", model=~"{alternatives}"'
     dep = f'namespace="{namespace}", deployment=~"({deps})({CANARY_SUFFIX})?"'
     ri = "$__rate_interval"
     cpu = (

@@ -23,9 +23,9 @@ import pulumi_kubernetes as k8s
 
 from infra import kibana, logstash
 from infra.helm import helm_release
+from services import names
 from services.errors import UserError
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _QUANTITY = re.compile(r"^(\d+(\.\d+)?|\.\d+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 _VERSION = re.compile(r"^[0-9]+\.[0-9]+\.[0-9]+$")
 
@@ -67,11 +67,11 @@ class LoggingArgs:
     def validate(self, name: str) -> None:
         problems: list[str] = []
         for key in ("namespace", "models_namespace", "cluster_name"):
-            if not _DNS_LABEL.match(getattr(self, key)):
+            if not names.matches(names.DNS_LABEL, getattr(self, key)):
                 problems.append(f'{key} "{getattr(self, key)}" is not a DNS-1123 label')
         if len(self.cluster_name) > 36:  # ECK appends e.g. "-es-default-0" and "-es-elastic-user"
             problems.append(f'cluster_name "{self.cluster_name}" is longer than 36 characters; shorten it')
-        if not _VERSION.match(self.version):
+        if not _VERSION.fullmatch(self.version):
             problems.append(f'version "{self.version}" is not an Elastic stack version (e.g. "8.17.4")')
         if not 1 <= self.retention_days <= 3650:
             problems.append(f"retention_days {self.retention_days} must be between 1 and 3650")
@@ -79,9 +79,9 @@ class LoggingArgs:
             if getattr(self, key) < 1:
                 problems.append(f"{key} must be >= 1 (got {getattr(self, key)})")
         for key in ("es_cpu", "es_memory", "es_storage"):
-            if not _QUANTITY.match(getattr(self, key)):
+            if not _QUANTITY.fullmatch(getattr(self, key)):
                 problems.append(f'{key} "{getattr(self, key)}" is not a Kubernetes quantity (e.g. "1", "2Gi")')
-        if not _DNS_LABEL.match(self.index_prefix):
+        if not names.matches(names.DNS_LABEL, self.index_prefix):
             problems.append(f'index_prefix "{self.index_prefix}" must be lower-case letters, digits and "-"')
         if problems:
             raise UserError(f"Logging {name}: " + "; ".join(problems))

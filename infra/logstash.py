@@ -58,9 +58,9 @@ class PipelineArgs:
     beats_port: int = BEATS_PORT  # default 5044; TCP port filebeat ships to
 
     def __post_init__(self) -> None:
-        if not _NAME.match(self.es_cluster_name):
+        if not _NAME.fullmatch(self.es_cluster_name):
             raise UserError(f"logstash: es_cluster_name {self.es_cluster_name!r} must be a DNS-1123 name, e.g. 'eck'")
-        if not _NAME.match(self.index_prefix):
+        if not _NAME.fullmatch(self.index_prefix):
             raise UserError(f"logstash: index_prefix {self.index_prefix!r} must be lowercase letters, digits and '-'")
         if not 0 < self.beats_port < 65536:
             raise UserError(f"logstash: beats_port {self.beats_port} must be a TCP port (1-65535)")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,11 +24,11 @@ from pathlib import Path
 
 import pulumi
 
+from services import names
 from services.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ROOT / "services"
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _EXCLUDE_DIRS = {"__pycache__", ".pytest_cache", ".mypy_cache"}
 
 
@@ -73,11 +72,11 @@ class ModelImageArgs:
 
     def validate(self, name: str) -> None:
         problems = []
-        if self.image_digest is not None and not _DIGEST.match(self.image_digest):
+        if self.image_digest is not None and not names.matches(names.DIGEST, self.image_digest):
             problems.append(f'image_digest "{self.image_digest}" is not "sha256:" + 64 hex digits')
         if self.image_digest is None and self.export is not None and not (self.services_dir / "Dockerfile").is_file():
             problems.append(f"{self.services_dir / 'Dockerfile'} is missing; the serving image cannot be built")
-        if not re.match(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$", self.model_name):
+        if not names.matches(names.DNS_LABEL, self.model_name):
             problems.append(f'model_name "{self.model_name}" is not a valid image repository name')
         if not self.registry or "://" in self.registry:
             problems.append(f'registry "{self.registry}" is not host[:port]/path')

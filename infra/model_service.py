@@ -26,9 +26,9 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from infra.cluster_baseline import INGRESS_CONTROLLER, PRIORITY_MODELS, PROMETHEUS
+from services import names
 from services.errors import UserError
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _QUANTITY = re.compile(r"^(\d+(\.\d+)?|\.\d+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 _CPU = re.compile(r"^(\d+(\.\d+)?|\.\d+)(m?)$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -119,15 +119,15 @@ class ModelServiceArgs:
     def validate(self, name: str) -> None:
         """Raise ``UserError`` naming every bad field and its fix; nothing is created before this passes."""
         problems: list[str] = []
-        if not _DNS_LABEL.match(name):
+        if not names.matches(names.DNS_LABEL, name):
             problems.append(f'name "{name}" is not a DNS-1123 label (lower-case letters, digits, "-"; at most 63)')
         elif len(name) > 56:  # "-canary" is appended to canary objects
             problems.append(f'name "{name}" is longer than 56 characters; shorten it (canary objects add "-canary")')
         if not _image_ok(self.image):
             problems.append(f'image "{self.image}" is not an image reference (e.g. "registry/mnist-mlp@sha256:...")')
-        if not _LABEL_VALUE.match(self.model_version) or len(self.model_version) > 63:
+        if not _LABEL_VALUE.fullmatch(self.model_version) or len(self.model_version) > 63:
             problems.append(f'model_version "{self.model_version}" is not a valid label value (e.g. "1" or "2024.1")')
-        if not _DNS_LABEL.match(self.namespace):
+        if not names.matches(names.DNS_LABEL, self.namespace):
             problems.append(f'namespace "{self.namespace}" is not a DNS-1123 label')
         if self.min_replicas < 1 or self.max_replicas < self.min_replicas:
             problems.append(
@@ -138,9 +138,9 @@ class ModelServiceArgs:
             problems.append(f"target_cpu_percent {self.target_cpu_percent} must be between 1 and 100")
         for key in ("cpu", "memory", "cpu_limit", "memory_limit", "tmp_size"):
             value = getattr(self, key)
-            if value is not None and not _QUANTITY.match(str(value)):
+            if value is not None and not _QUANTITY.fullmatch(str(value)):
                 problems.append(f'{key} "{value}" is not a Kubernetes quantity (e.g. "500m", "2", "1Gi")')
-        if self.cpu_limit is None and _QUANTITY.match(self.cpu) and not _CPU.match(self.cpu):
+        if self.cpu_limit is None and _QUANTITY.fullmatch(self.cpu) and not _CPU.fullmatch(self.cpu):
             problems.append(f'cpu "{self.cpu}" is not a CPU quantity (e.g. "500m" or "2"); or set cpu_limit')
         if self.workers < 1:
             problems.append(f"workers {self.workers} must be >= 1")
@@ -166,7 +166,7 @@ class ModelServiceArgs:
                 problems.append(f"canary.replicas {c.replicas} must be >= 1")
             if not _image_ok(c.image):
                 problems.append(f'canary.image "{c.image}" is not an image reference')
-            if not _LABEL_VALUE.match(c.model_version) or len(c.model_version) > 63:
+            if not _LABEL_VALUE.fullmatch(c.model_version) or len(c.model_version) > 63:
                 problems.append(f'canary.model_version "{c.model_version}" is not a valid label value')
             if c.model_version == self.model_version:
                 problems.append(f'canary.model_version "{c.model_version}" equals the stable version; use another one')
@@ -182,7 +182,7 @@ def _image_ok(image: pulumi.Input[str]) -> bool:
 
 
 def _cores(quantity: str) -> float:
-    m = _CPU.match(quantity)
+    m = _CPU.fullmatch(quantity)
     if not m:
         raise UserError(f'cpu "{quantity}" is not a CPU quantity (e.g. "500m" or "2"); set cpu_limit explicitly')
     return float(m[1]) / (1000 if m[3] else 1)

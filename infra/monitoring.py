@@ -22,9 +22,9 @@ import pulumi_random as random
 from infra.alerts import ModelSLO, rule_groups
 from infra.dashboards import model_dashboard, overview_dashboard
 from infra.helm import helm_release, pinned
+from services import names
 from services.errors import UserError
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _DURATION = re.compile(r"^[1-9][0-9]*(h|d|w|y)$")
 _QUANTITY = re.compile(r"^(\d+(\.\d+)?|\.\d+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 
@@ -60,20 +60,20 @@ class MonitoringArgs:
 
     def validate(self, name: str) -> None:
         problems: list[str] = []
-        if not _DNS_LABEL.match(self.namespace):
+        if not names.matches(names.DNS_LABEL, self.namespace):
             problems.append(f'namespace "{self.namespace}" is not a DNS-1123 label')
-        if not _DURATION.match(self.retention):
+        if not _DURATION.fullmatch(self.retention):
             problems.append(f'retention "{self.retention}" is not a duration (e.g. "15d", "12h", "2w")')
-        if not _QUANTITY.match(self.storage):
+        if not _QUANTITY.fullmatch(self.storage):
             problems.append(f'storage "{self.storage}" is not a Kubernetes quantity (e.g. "10Gi")')
         for key in ("prometheus_cpu", "prometheus_memory"):
-            if not _QUANTITY.match(getattr(self, key)):
+            if not _QUANTITY.fullmatch(getattr(self, key)):
                 problems.append(f'{key} "{getattr(self, key)}" is not a Kubernetes quantity (e.g. "500m", "2Gi")')
         for key in ("prometheus_replicas", "alertmanager_replicas", "grafana_replicas"):
             if getattr(self, key) < 1:
                 problems.append(f"{key} must be >= 1 (got {getattr(self, key)})")
-        names = [m.name for m in self.models]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        model_names = [m.name for m in self.models]
+        dupes = sorted({n for n in model_names if model_names.count(n) > 1})
         if dupes:
             problems.append(f"models {dupes} are listed more than once; list each model once")
         if problems:

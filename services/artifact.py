@@ -16,11 +16,17 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from services import names
 from services.atomic import atomic_write
 from services.errors import UserError
+from services.paths import check_relative, inside, tree_files
 
 MODEL_YAML = "model.yaml"
-_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+ARTIFACT_ROOT = "the artifact directory"  # how messages name the root every files[].path must stay in
+# Kept for services/packaging.py's `_NAME_RE.match`: "\Z" (not "$") so even .match is a full match.
+# New code uses names.matches(names.DNS_LABEL, ...).
+_NAME_RE = re.compile(names.DNS_LABEL.pattern + r"\Z")
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?")  # Kubernetes label value, used with fullmatch
 
 
 class ArtifactError(UserError):
@@ -126,6 +132,13 @@ class FileEntry(_Strict):
     path: str  # relative to the artifact dir; a directory for a SavedModel
     sha256: str  # hex digest of the file, or of the directory tree (see tree_sha256)
 
+    @field_validator("path")
+    @classmethod
+    def _inside(cls, v: str) -> str:
+        # Syntax only (no disk access): "../x", "/etc/passwd" are refused wherever a spec is read,
+        # model.yaml or a registry index; symlinks and FIFOs are checked when files are opened.
+        return check_relative(v, ARTIFACT_ROOT)
+
 
 class Serving(_Strict):
     """Per-model serving settings; env vars and CLI flags override them."""
@@ -149,10 +162,21 @@ class ModelSpec(_Strict):
     serving: Serving = Serving()
     metadata: dict[str, Any] = Field(default_factory=dict)  # free-form (registry lineage etc.)
 
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        # It becomes a Kubernetes label value and a path segment: full match, so "1\n" or "1/../x" never pass.
+        if len(v) > 63 or not _LABEL_VALUE.fullmatch(v):
+            raise ValueError(
+                f"{v!r} is not a version: use letters, digits, '.', '_' and '-', starting and ending with a "
+                "letter or digit, at most 63 (e.g. 1 or 2)"
+            )
+        return v
+
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME_RE.match(v):
+        if not names.matches(names.DNS_LABEL, v):  # full match: "mlp\n" is not a name
             raise ValueError(f"{v!r} is not a DNS-1123 label (lowercase letters, digits and '-', max 63)")
         return v
 
@@ -173,12 +197,16 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def tree_sha256(path: Path) -> str:
-    """sha256 of a file, or of a directory as (relative path, file digest) lines in sorted order."""
+def tree_sha256(path: Path, root: Path | None = None, what: str = "") -> str:
+    """sha256 of a file, or of a directory as (relative path, file digest) lines in sorted order.
+
+    A directory's entries are checked first (``services.paths.tree_files``): a FIFO or a symlink out of
+    ``root`` (default ``path``) is an ArtifactError naming ``what``, never hashed or waited on.
+    """
     if path.is_file():
         return file_sha256(path)
     h = hashlib.sha256()
-    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+    for p in tree_files(path, root, what, ARTIFACT_ROOT, ArtifactError):
         h.update(f"{p.relative_to(path).as_posix()}\0{file_sha256(p)}\n".encode())
     return h.hexdigest()
 
@@ -224,16 +252,26 @@ def format_validation_error(exc: ValidationError) -> str:
 def verify_files(artifact_dir: Path | str, spec: ModelSpec) -> None:
     """Re-hash every file; raise naming the first missing or corrupted one."""
     d = Path(artifact_dir)
-    for f in spec.files:
-        p = d / f.path
+    for i, f in enumerate(spec.files):
+        what = f"{d / MODEL_YAML}: files[{i}]"
+        if not names.matches(names.SHA256, f.sha256):
+            raise ArtifactError(
+                f"{what}.sha256 {f.sha256!r} is not a sha256 (64 lowercase hex digits); re-package the model"
+            )
+        p = artifact_file(d, f.path, f"{what}.path")
         if not p.exists():
             raise ArtifactError(f"{d}: file {f.path!r} listed in {MODEL_YAML} is missing")
-        got = tree_sha256(p)
+        got = tree_sha256(p, d, f"{what}.path {f.path!r}")
         if got != f.sha256:
             raise ArtifactError(
                 f"{d}: file {f.path!r} is corrupted or was changed: sha256 {got} != {f.sha256} in {MODEL_YAML}; "
                 "re-package the model or restore the file"
             )
+
+
+def artifact_file(artifact_dir: Path, rel: str, what: str) -> Path:
+    """``artifact_dir / rel`` after the one path check (``services.paths.inside``): inside, no FIFO, no device."""
+    return inside(artifact_dir, rel, what, ARTIFACT_ROOT, ArtifactError)
 
 
 def load_spec(artifact_dir: Path | str) -> ModelSpec:

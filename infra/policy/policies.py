@@ -16,7 +16,7 @@ from typing import Any
 ALLOW_LB_ANNOTATION = "dlstack.io/allow-load-balancer"
 POD_TEMPLATE_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job")
 LONG_RUNNING_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet")
-_DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
+_DIGEST = re.compile(r"@sha256:[0-9a-f]{64}\Z")  # \Z: "$" would let a trailing newline through
 
 Obj = Mapping[str, Any]
 ResourceRule = Callable[[Obj, str], list[str]]

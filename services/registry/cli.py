@@ -215,10 +215,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     problems = reg.verify()
     for p in problems:
         print(f"CORRUPT {p}", file=sys.stderr)
-    n = len(reg.list_all())
-    if problems:
+    if problems:  # before listing: a damaged index is a finding here (exit 1), not an error (exit 2)
         print(f"{len(problems)} problem(s) in {reg.url}; restore the named files or re-register", file=sys.stderr)
         return 1
+    n = len(reg.list_all())
     print(f"ok: {n} version(s) verified in {reg.url}")
     return 0
 

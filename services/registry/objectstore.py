@@ -25,6 +25,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
+from services import names
 from services.registry.cache import CHUNK, BlobCache
 from services.registry.location import RegistryLocation
 from services.registry.store import (
@@ -219,6 +220,9 @@ class ObjectStore:
             self._fail(exc, doing)
 
     def _blob_key(self, sha256: str) -> str:
+        # The index is checked when read; this guards every other caller: a blob name is a key here.
+        if not names.matches(names.SHA256, sha256):
+            raise RegistryError(f"{self.url}: {sha256!r} is not a blob sha256 (64 lowercase hex digits)")
         return f"blobs/sha256/{sha256[:2]}/{sha256}"
 
     # ---- blobs -----------------------------------------------------------------------------

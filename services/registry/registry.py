@@ -20,7 +20,6 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -32,26 +31,26 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from services import names
 from services.artifact import (
+    ARTIFACT_ROOT,
     MODEL_YAML,
     ArtifactError,
     FileEntry,
     Framework,
     ModelSpec,
+    artifact_file,
     format_validation_error,
     read_spec,
     verify_files,
     write_spec,
 )
+from services.paths import tree_files
 from services.registry.cache import BlobCache
 from services.registry.location import REGISTRY_ENV, RegistryLocation, parse_location, registry_location
-from services.registry.store import LocalStore, RegistryError, Store
+from services.registry.store import BadIndex, LocalStore, RegistryError, Store
 
 LATEST = "latest"  # built-in alias: the highest version
-_REF_RE = re.compile(
-    r"^(?P<name>[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(?::(?P<version>[0-9]+)|@(?P<alias>[A-Za-z0-9_.-]+))?$"
-)
-_ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")
 # Python distributions whose version is recorded for each framework (runtime first).
 _FRAMEWORK_DISTS: dict[str, tuple[str, ...]] = {
     "pytorch": ("torch",),
@@ -81,7 +80,8 @@ def framework_version(framework: str) -> str | None:
 
 def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
     """``name``, ``name:version`` or ``name@alias`` -> (name, version, alias)."""
-    m = _REF_RE.match(ref.strip())
+    # Full match on the reference as given: "mlp:1\n" is refused, not trimmed into another version's path.
+    m = names.MODEL_REF.fullmatch(ref) if isinstance(ref, str) else None
     if not m:
         raise RegistryError(
             f"{ref!r} is not a model reference; "
@@ -171,15 +171,22 @@ class ModelVersion:
         return self.checkout
 
     def export(self, dest: Path | str) -> Path:
-        """Write a standalone artifact directory (for the image build); refuses a non-empty ``dest``.
+        """Write a standalone artifact directory (for the image build) and return ``dest``.
 
-        Files are streamed from the registry's blobs (through the cache for an object store) and
-        checked against their sha256 as they are written; no file is ever held in memory.
+        ``dest`` must be absent, empty or a previous artifact of this model (replaced as a whole, with
+        renames); anything else is refused (``services.outdir``). Files are streamed from the registry's
+        blobs (through the cache for an object store) and checked against their sha256 as they are
+        written; no file is ever held in memory.
         """
-        d = Path(dest)
-        if d.exists() and any(d.iterdir()):
-            raise RegistryError(f"{d} is not empty; export into a new or empty directory")
-        d.mkdir(parents=True, exist_ok=True)
+        from services import outdir
+
+        label = "export directory"
+        recognise = outdir.artifact(self.name, label=label, force_hint=False)
+        with outdir.replace_dir(dest, label=label, what="artifact", recognise=recognise) as d:
+            self._write_export(d)
+        return Path(dest)
+
+    def _write_export(self, d: Path) -> None:
         if self.source is not None:
             self.source.write(d, self.spec)
         else:
@@ -193,7 +200,6 @@ class ModelVersion:
                     shutil.copyfile(src, d / f.path)
             write_spec(d, self.spec)
         _make_writable(d)
-        return d
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready description (``models show --json``); ``path`` is where the files are (or will be)."""
@@ -242,10 +248,12 @@ def _content_key(spec: ModelSpec) -> str:
 def _files_of(artifact: Path, spec: ModelSpec) -> list[tuple[str, Path]]:
     """(relative path, absolute path) of every regular file the spec's entries cover."""
     out: list[tuple[str, Path]] = []
-    for entry in spec.files:
-        p = artifact / entry.path
+    for i, entry in enumerate(spec.files):
+        what = f"{artifact / MODEL_YAML}: files[{i}].path"
+        p = artifact_file(artifact, entry.path, what)  # inside the artifact, no FIFO or device
         if p.is_dir():
-            out += [(q.relative_to(artifact).as_posix(), q) for q in sorted(p.rglob("*")) if q.is_file()]
+            files = tree_files(p, artifact, f"{what} {entry.path!r}", ARTIFACT_ROOT, ArtifactError)
+            out += [(q.relative_to(artifact).as_posix(), q) for q in files]
         else:
             out.append((entry.path, p))
     return out
@@ -506,7 +514,7 @@ class Registry:
         return Registration(self.resolve(f"{name}:{version}"), created=created)
 
     def set_alias(self, name: str, alias: str, version: str) -> ModelVersion:
-        if not _ALIAS_RE.match(alias) or alias == LATEST:
+        if not names.matches(names.ALIAS, alias) or alias == LATEST:
             raise RegistryError(
                 f"alias {alias!r} is invalid: use a letter then letters, digits, '_', '.', '-' (and not {LATEST!r})"
             )
@@ -526,7 +534,10 @@ class Registry:
         Blobs are read from the store itself, never from the cache, so bit rot in a bucket is found.
         """
         problems: list[str] = []
-        index = self.store.read_index()
+        try:
+            index = self.store.read_index()
+        except BadIndex as exc:  # a structurally wrong index is a finding of verify, one line per problem
+            return list(exc.problems)
         for name in sorted(index["models"]):
             for version, e in sorted(index["models"][name]["versions"].items(), key=lambda kv: int(kv[0])):
                 ref = f"{name}:{version}"

@@ -21,8 +21,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from services.artifact import file_sha256
+from pydantic import ValidationError
+
+from services import names
+from services.artifact import ModelSpec, file_sha256, format_validation_error
 from services.errors import UserError
+from services.paths import relative_problem
 
 INDEX_FORMAT = 1
 # Test hook: seconds to sleep once the new index is ready (written and fsynced locally, serialized
@@ -37,6 +41,15 @@ class RegistryError(UserError):
     """The registry is missing, corrupted, unreachable or was asked for something it doesn't hold."""
 
 
+class BadIndex(RegistryError):
+    """The index is unreadable or structurally wrong; ``problems`` holds one line per problem (for ``verify``)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        more = f" (and {len(problems) - 1} more problem(s): run `dlstack models verify`)" if len(problems) > 1 else ""
+        super().__init__(problems[0] + more)
+        self.problems = problems
+
+
 def empty_index() -> dict[str, Any]:
     return {"format": INDEX_FORMAT, "models": {}}
 
@@ -47,13 +60,138 @@ def dump_index(index: dict[str, Any]) -> bytes:
 
 
 def load_index(data: bytes, where: str) -> dict[str, Any]:
+    """Parse and check the index once, as it is read: every later lookup trusts its shape.
+
+    A tampered key (a model named ``../x``, a version ``1/../../``, a blob ``../../etc``) would
+    otherwise become a path under the registry, the cache or an export directory.
+    """
     try:
         index = json.loads(data)
-    except ValueError as exc:
-        raise RegistryError(f"{where}: unreadable index ({exc}); restore it from a backup") from exc
-    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
-        raise RegistryError(f"{where}: not a dlstack registry index (format {INDEX_FORMAT})")
+    except RecursionError:  # deep nesting: json gives up with a RecursionError, not a ValueError
+        raise BadIndex([f"{where}: unreadable index (nested too deeply); restore it from a backup"]) from None
+    except ValueError as exc:  # bad JSON, bad UTF-8, integers beyond Python's digit limit
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BadIndex([f"{where}: unreadable index ({first}); restore it from a backup"]) from None
+    problems = index_problems(index)
+    if problems:
+        raise BadIndex([f"{where}: {p}" for p in problems])
+    assert isinstance(index, dict)
     return index
+
+
+_ENTRY_OPTIONAL: dict[str, tuple[type, ...]] = {
+    "created": (str,),
+    "author": (str,),
+    "framework_version": (str, type(None)),
+    "git_commit": (str, type(None)),
+    "git_dirty": (bool,),
+    "datasets": (list,),
+    "metrics": (dict,),
+    "note": (str, type(None)),
+}
+_TYPE_NAMES = {str: "a string", type(None): "null", bool: "true or false", list: "a list", dict: "a mapping"}
+
+
+def _key(k: object) -> str:
+    return f"[{k!r}]"  # repr: a key with a newline or quotes stays on one line and visible
+
+
+def _want(types: tuple[type, ...]) -> str:
+    return " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
+
+
+def index_problems(index: object) -> list[str]:
+    """One line per structural problem, each naming the key path (e.g. ``models['x'].versions['1'].blobs``)."""
+    fix = "restore the index from a backup"
+    if not isinstance(index, dict):
+        return [f"<root>: expected a mapping, got {type(index).__name__}; not a dlstack registry index"]
+    out: list[str] = []
+    if index.get("format") != INDEX_FORMAT:
+        out.append(f"format: {index.get('format')!r} is not a known index format (expected {INDEX_FORMAT})")
+    for k in sorted(set(index) - {"format", "models"}, key=str):
+        out.append(f"{k!r}: unknown key; an index holds only format and models")
+    models = index.get("models")
+    if not isinstance(models, dict):
+        got = "missing" if "models" not in index else f"{type(models).__name__}, not a mapping"
+        return [*out, f"models: {got}; {fix}"]
+    for name, model in models.items():
+        at = f"models{_key(name)}"
+        if not names.matches(names.DNS_LABEL, name):
+            out.append(f"{at}: {name!r} is not a model name (a DNS-1123 label); {fix}")
+            continue
+        if not isinstance(model, dict) or set(model) != {"aliases", "versions"}:
+            out.append(f"{at}: expected a mapping with exactly aliases and versions; {fix}")
+            continue
+        versions, aliases = model["versions"], model["aliases"]
+        if not isinstance(versions, dict) or not isinstance(aliases, dict):
+            out.append(f"{at}: aliases and versions must be mappings; {fix}")
+            continue
+        for v, entry in versions.items():
+            if not names.matches(names.VERSION, v):
+                out.append(f"{at}.versions{_key(v)}: {v!r} is not a version (an integer such as 1); {fix}")
+                continue
+            out += _entry_problems(f"{at}.versions{_key(v)}", name, v, entry)
+        for alias, v in aliases.items():
+            if not names.matches(names.ALIAS, alias):
+                out.append(f"{at}.aliases{_key(alias)}: {alias!r} is not an alias name; {fix}")
+            elif not isinstance(v, str) or v not in versions:
+                out.append(f"{at}.aliases{_key(alias)}: {v!r} is not a version of {name!r}; {fix}")
+    return out
+
+
+def _entry_problems(at: str, name: str, version: str, entry: object) -> list[str]:
+    fix = "restore the index from a backup"
+    if not isinstance(entry, dict):
+        return [f"{at}: expected a mapping, got {type(entry).__name__}; {fix}"]
+    out: list[str] = []
+    for k in ("content_key", "spec", "blobs"):
+        if k not in entry:
+            out.append(f"{at}.{k}: missing; {fix}")
+    for k in sorted(set(entry) - {"content_key", "spec", "blobs", *_ENTRY_OPTIONAL}, key=str):
+        out.append(f"{at}{_key(k)}: unknown key; {fix}")
+    for k, types in _ENTRY_OPTIONAL.items():
+        if k in entry and not isinstance(entry[k], types):
+            out.append(f"{at}.{k}: {type(entry[k]).__name__} is not {_want(types)}; {fix}")
+    if out:
+        return out
+    if not names.matches(names.SHA256, entry["content_key"]):
+        out.append(f"{at}.content_key: {entry['content_key']!r} is not a sha256; {fix}")
+    for i, d in enumerate(entry.get("datasets", ())):
+        if not isinstance(d, dict) or not names.matches(names.SHA256, d.get("oid")) or not set(d) <= {"oid", "path"}:
+            out.append(f"{at}.datasets[{i}]: expected {{oid: sha256, path: string or null}}; {fix}")
+        elif not isinstance(d.get("path"), str | None):
+            out.append(f"{at}.datasets[{i}].path: expected a string or null; {fix}")
+    for k, m in entry.get("metrics", {}).items():
+        if not isinstance(m, int | float | str) or isinstance(m, bool):
+            out.append(f"{at}.metrics{_key(k)}: expected a number or a string; {fix}")
+    blobs = entry["blobs"]
+    if not isinstance(blobs, dict):
+        return [*out, f"{at}.blobs: expected a mapping of path to sha256; {fix}"]
+    for rel, sha in blobs.items():
+        problem = relative_problem(rel, "the model directory")
+        if problem is not None:
+            out.append(f"{at}.blobs{_key(rel)}: {problem}")
+        elif not names.matches(names.SHA256, sha):
+            out.append(f"{at}.blobs{_key(rel)}: {sha!r} is not a sha256 (64 lowercase hex digits); {fix}")
+    # A blob that is also a parent directory of another ("a" and "a/b") cannot be written out.
+    paths = set(blobs)
+    for rel in sorted(blobs):
+        parts = rel.split("/") if isinstance(rel, str) else []
+        clash = next(("/".join(parts[:i]) for i in range(1, len(parts)) if "/".join(parts[:i]) in paths), None)
+        if clash is not None:
+            out.append(f"{at}.blobs{_key(rel)}: {clash!r} is both a file and a directory; {fix}")
+    if not isinstance(entry["spec"], dict):
+        return [*out, f"{at}.spec: expected a mapping (the model.yaml content); {fix}"]
+    try:
+        spec = ModelSpec.model_validate(entry["spec"])
+    except ValidationError as exc:
+        return [*out, f"{at}.spec: {format_validation_error(exc)}"]
+    if (spec.name, spec.version) != (name, version):
+        out.append(f"{at}.spec: says {spec.name}:{spec.version}, not {name}:{version}; {fix}")
+    for rel in blobs:
+        if isinstance(rel, str) and not any(rel == f.path or rel.startswith(f.path + "/") for f in spec.files):
+            out.append(f"{at}.blobs{_key(rel)}: not under any of the spec's files; {fix}")
+    return out
 
 
 def pause_for_tests() -> None:
@@ -131,6 +269,9 @@ class LocalStore:
         return self.root / "index.json"
 
     def _blob_path(self, sha256: str) -> Path:
+        # The index is checked when read; this guards every other caller: a blob name is a path here.
+        if not names.matches(names.SHA256, sha256):
+            raise RegistryError(f"{self.root}: {sha256!r} is not a blob sha256 (64 lowercase hex digits)")
         return self.root / "blobs" / "sha256" / sha256[:2] / sha256
 
     def put_blob(self, src: Path) -> str:
