@@ -11,11 +11,11 @@ import argparse
 import re
 import shutil
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from services import outdir
 from services.artifact import (
     _NAME_RE,
     MODEL_YAML,
@@ -28,7 +28,6 @@ from services.artifact import (
     Signature,
     TensorSpec,
     format_validation_error,
-    read_spec,
     tree_sha256,
     write_spec,
 )
@@ -386,21 +385,13 @@ def signature_warnings(sig: Signature) -> list[str]:
     ]
 
 
-def _check_out(out: Path, name: str, force: bool) -> None:
-    if out.is_file():
-        raise UserError(f"--out {out} is a file; give a directory")
-    if not out.exists() or force or not any(out.iterdir()):
-        return
-    try:
-        existing = read_spec(out).name
-    except ArtifactError:
-        raise UserError(
-            f"--out {out} is not empty and holds no artifact; choose an empty directory or pass --force to replace it"
-        ) from None
-    if existing != name:
-        raise UserError(
-            f"--out {out} holds the artifact {existing!r}, not {name!r}; choose another directory or pass --force"
-        )
+def _out_rule(name: str, force: bool) -> dict[str, Any]:
+    """--out is absent, empty, or a previous artifact: of ``name``, or of any model with ``force``.
+
+    Even with ``force`` only the previous artifact's own files (model.yaml and what it lists) are
+    replaced: a directory holding anything else is refused, never emptied.
+    """
+    return {"label": "--out", "what": "artifact", "recognise": outdir.artifact(name, label="--out", force=force)}
 
 
 def package_model(
@@ -437,12 +428,9 @@ def package_model(
     target = _check_source(src, fw)
     if dest.resolve() == src.resolve() or dest.resolve() in src.resolve().parents:
         raise UserError(f"--out {dest} contains the model file {src}; write the artifact to another directory")
-    _check_out(dest, name, force)
+    outdir.check_dir(dest, **_out_rule(name, force))  # before the signature: loading a model takes a while
     signature = infer_signature(src, fw, inputs, outputs, serving.keras_backend)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
-    tmp.chmod(0o755)  # mkdtemp makes 0700; the image's non-root server must read the artifact
-    try:
+    with outdir.replace_dir(dest, **_out_rule(name, force)) as tmp:
         if src.is_dir():
             shutil.copytree(src, tmp / target)
         else:
@@ -464,21 +452,7 @@ def package_model(
             from services.runtimes import create_runtime
 
             create_runtime(spec, tmp, threads=None).load()  # None: leave the caller's thread settings alone
-        _swap_in(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return spec
-
-
-def _swap_in(tmp: Path, dest: Path) -> None:
-    """Replace ``dest`` by ``tmp`` with renames, so readers see the old or the new artifact, never half of one."""
-    if not dest.exists():
-        tmp.rename(dest)
-        return
-    old = dest.parent / f".{dest.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
-    dest.rename(old)
-    tmp.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # -- CLI ----------------------------------------------------------------------------------------------------------
@@ -503,8 +477,14 @@ def register(subparsers: Any) -> None:
         "--input", action="append", default=[], metavar="NAME:DTYPE:SHAPE", help=f"input tensor; {SHAPE_HELP}"
     )
     p.add_argument("--output", action="append", default=[], metavar="NAME:DTYPE:SHAPE", help="output tensor")
-    p.add_argument("--out", required=True, type=Path, help="artifact directory to write")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out that is not this model's artifact")
+    p.add_argument(
+        "--out", required=True, type=Path, help="artifact directory: new, empty or a previous artifact of --name"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="also replace a previous artifact of another model (only its own files; other files are never touched)",
+    )
     p.add_argument("--max-batch-size", type=int, help="serving.max_batch_size (default 1 = no batching)")
     p.add_argument("--max-batch-time-ms", type=float, help="serving.max_batch_time_ms (default 2)")
     p.add_argument("--threads", type=int, help="serving.threads (default: CPU limit / workers)")

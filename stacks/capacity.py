@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from services import outdir
 from services.atomic import atomic_write
 from services.errors import UserError
 
@@ -646,12 +647,40 @@ def _label_points(fig: Any, ax: Any, line: Any, steps: list[Step], p99_limit_ms:
             ann.remove()
 
 
+PLOT_MARK = (b"dlstack", b"capacity plot")  # a PNG tEXt chunk: how a later run knows the file is its own
+_PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def is_plot(path: Path) -> bool:
+    """Whether ``path`` is a PNG that ``plot`` wrote: a tEXt chunk before the image data carries PLOT_MARK."""
+    try:
+        with path.open("rb") as fh:
+            if fh.read(8) != _PNG:
+                return False
+            while True:
+                head = fh.read(8)
+                size, kind = int.from_bytes(head[:4], "big"), head[4:]
+                if len(head) < 8 or kind in (b"IDAT", b"IEND") or size > 1 << 16:
+                    return False  # text written before the image data, or not at all
+                body = fh.read(size + 4)[:size]  # + the CRC
+                if kind == b"tEXt" and tuple(body.split(b"\0", 1)) == PLOT_MARK:
+                    return True
+    except OSError:
+        return False
+
+
+def check_plot(path: Path) -> Path:
+    """Refuse a --plot path that exists and is not a previous plot (before measuring: minutes of load)."""
+    return outdir.check_file(path, label="--plot", what="capacity plot", recognise=is_plot)
+
+
 def plot(m: Measurement, path: Path) -> Path:
-    """Write ``figure(m)`` as a PNG."""
+    """Write ``figure(m)`` as a PNG, atomically, to a new path or over a previous plot (``check_plot``)."""
     fig = figure(m)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=fig.dpi)  # the dpi the labels were placed at
-    return atomic_write(path, buf.getvalue())
+    mark = {PLOT_MARK[0].decode(): PLOT_MARK[1].decode()}
+    fig.savefig(buf, format="png", dpi=fig.dpi, metadata=mark)  # the dpi the labels were placed at
+    return outdir.replace_file(path, buf.getvalue(), label="--plot", what="capacity plot", recognise=is_plot)
 
 
 def write_config(stack: str, model: str, rec: Recommendation, path: Path | None = None) -> Path:
@@ -785,7 +814,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--duration-s", type=float, default=120.0, help="load-ramp budget in seconds (default 120)")
     p.add_argument("--headroom", type=float, default=HEADROOM, help="spare capacity share (default 0.3 = 30%%)")
     p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto", help="default: wrk if installed")
-    p.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG of p99 latency against throughput")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        metavar="PATH",
+        help="write a PNG of p99 latency against throughput (a new file, or a previous plot: replaced)",
+    )
     p.add_argument(
         "--write-config",
         metavar="ENV",
@@ -806,6 +840,8 @@ def handler(args: argparse.Namespace) -> int:
     from services.artifact import load_spec
 
     check_flags(p99_ms=args.p99_ms, cpu=args.cpu, duration_s=args.duration_s, target_rps=args.target_rps)
+    if args.plot:
+        check_plot(args.plot)
     artifact = resolve_artifact(args.artifact, args.registry)
     spec = load_spec(artifact)
     entry = args.model or spec.name

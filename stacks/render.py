@@ -19,7 +19,7 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from services.errors import UserError
+from services.outdir import Claim, check_dir, clean_relpath, replace_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS_DIR = ("manifests", "helm", "images", "rules")
@@ -245,10 +246,61 @@ def evaluate(stack: str, config_file: Path | None = None, registry: Any = None) 
     return mocks, outputs
 
 
+INDEX = "index.json"
+
+
+def _rules_file(manifest: str) -> str | None:
+    """``rules/<ns>/<name>.yaml``, written beside ``manifests/<ns>/prometheusrule-<name>.yaml``."""
+    top, _, rest = manifest.partition("/")
+    ns, _, base = rest.partition("/")
+    if top != "manifests" or not base.startswith("prometheusrule-"):
+        return None
+    return f"rules/{ns}/{base.removeprefix('prometheusrule-')}"
+
+
+def _render_claim(d: Path) -> Claim | None:
+    """The files a previous render in ``d`` wrote, read from its index.json; None when ``d`` holds no render.
+
+    Only paths under the render's own folders are ever claimed, so a tampered index cannot make
+    ``render --out`` delete anything else.
+    """
+    try:
+        if not stat.S_ISREG(os.lstat(d / INDEX).st_mode):
+            return None
+        doc = json.loads((d / INDEX).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(doc, dict) and isinstance(doc.get("stack"), str) and isinstance(doc.get("resources"), list)):
+        return None
+    paths = {INDEX}
+    for entry in doc["resources"]:
+        if not isinstance(entry, dict):
+            return None
+        rel = entry.get("file")
+        if rel is None:
+            continue
+        if not clean_relpath(rel) or rel.partition("/")[0] not in KINDS_DIR:
+            return None
+        paths.add(rel)
+        rules = _rules_file(rel)
+        if rules is not None:
+            paths.add(rules)
+    return Claim(frozenset(paths))
+
+
+def check_out(out: Path) -> Path:
+    """Refuse an ``--out`` that is not absent, empty or a previous render (before the slow evaluation)."""
+    return check_dir(out, label="--out", what="render", recognise=_render_claim)
+
+
 def render(stack: str, out: Path, config_file: Path | None = None, registry: Any = None) -> RenderResult:
-    """Render ``stack`` into ``out`` (replaced atomically: a failed render leaves the old one intact)."""
+    """Render ``stack`` into ``out`` (replaced atomically: a failed render leaves the old one intact).
+
+    ``out`` must be absent, empty or a previous render (see ``services.outdir``); anything else is refused.
+    """
     from stacks.mocks import DOCKER_IMAGE, HELM_RELEASE, gc_paused
 
+    check_out(out)
     with gc_paused():
         return _render(stack, out, config_file, registry, DOCKER_IMAGE, HELM_RELEASE)
 
@@ -257,9 +309,7 @@ def _render(
     stack: str, out: Path, config_file: Path | None, registry: Any, DOCKER_IMAGE: str, HELM_RELEASE: str
 ) -> RenderResult:
     mocks, outputs = evaluate(stack, config_file, registry)
-    out = out.absolute()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=_ensure_dir(out.parent)))
-    try:
+    with replace_dir(out, label="--out", what="render", recognise=_render_claim) as tmp:
         files: dict[str, str] = {}
         index: list[dict[str, Any]] = []
         for rec in mocks.resources:
@@ -275,6 +325,7 @@ def _render(
                 files[rel] = _yaml_dump(obj)
                 if obj["kind"] == "PrometheusRule":
                     rules = {"groups": (obj.get("spec") or {}).get("groups", [])}
+                    # The path _rules_file derives from the manifest's: how a later render recognises it.
                     files[f"rules/{ns}/{meta.get('name', rec.name)}.yaml"] = _yaml_dump(rules)
             elif rec.typ == HELM_RELEASE:
                 i = rec.inputs
@@ -318,27 +369,8 @@ def _render(
         _write_tree(tmp, files)
         index.sort(key=lambda e: (e["type"], e["name"]))
         doc = {"stack": stack, "resources": index, "outputs": outputs, "files": len(files)}
-        _write(tmp / "index.json", _json_dump(doc) + "\n")
-        if out.exists():
-            old = out.with_name(out.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return RenderResult(out=out, files=len(files), resources=len(mocks.resources), outputs=outputs)
-
-
-def _ensure_dir(d: Path) -> Path:
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create {d}: {exc.strerror}; choose another --out") from None
-    return d
+        _write(tmp / INDEX, _json_dump(doc) + "\n")
+    return RenderResult(out=out.absolute(), files=len(files), resources=len(mocks.resources), outputs=outputs)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -495,7 +527,12 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--stack", required=True, help="stack name: reads Pulumi.<stack>.yaml (e.g. dev, prod)")
     p.add_argument("--config-file", type=Path, help="a stack file in the Pulumi.<stack>.yaml format to use instead")
-    p.add_argument("--out", type=Path, required=True, help="output directory (replaced)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output directory: new, empty or a previous render (replaced; anything else is refused)",
+    )
     p.add_argument("--registry", help=_REGISTRY_HELP)
     p.set_defaults(func=_render_cmd)
 

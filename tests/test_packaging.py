@@ -227,9 +227,13 @@ def test_overwrite_rules(capsys: pytest.CaptureFixture[str], tmp_path: Path, tor
     other = tmp_path / "notes"
     other.mkdir()
     (other / "todo.txt").write_text("keep me")
-    code, err = pkg("mlp", other)
-    assert code == 2 and "is not empty and holds no artifact" in err and "--force" in err
-    assert (other / "todo.txt").read_text() == "keep me"
+    for force in ((), ("--force",)):  # --force replaces a previous artifact's files, never a user's
+        code, err = pkg("mlp", other, *force)
+        assert code == 2 and err == (
+            f"dlstack package: error: --out {other} is not empty and holds no previous artifact; "
+            "choose a new or empty directory\n"
+        )
+        assert (other / "todo.txt").read_text() == "keep me"
 
     art = tmp_path / "art"
     assert pkg("mlp", art)[0] == 0
