@@ -15,21 +15,22 @@ import hashlib
 import io
 import json
 import os
-import re
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services import names
 from services.atomic import atomic_write
 from services.errors import UserError
+from services.paths import inside, relative_problem
 
 MANIFEST_ENV = "DLSTACK_DATASETS"
 DEFAULT_MANIFEST = Path("stacks") / "datasets.yaml"
 LFS_SPEC = "version https://git-lfs.github.com/spec/v1"
 DEFAULT_THRESHOLD = 1 << 20  # blobs above 1 MiB committed without LFS are flagged
-_OID_RE = re.compile(r"^[0-9a-f]{64}$")
+REPO_ROOT = "the repository"  # how messages name the root every manifest path must stay in
 _HEADER = (
     "# Datasets tracked with Git LFS (`dlstack datasets add PATH`). Paths are relative to the repo root;\n"
     "# oid is the sha256 of the content (the Git LFS object id). Comments here are kept.\n"
@@ -87,7 +88,7 @@ def parse_pointer(data: bytes) -> tuple[str, int] | None:
         return None
     fields = dict(line.split(" ", 1) for line in data.decode(errors="replace").splitlines() if " " in line)
     oid = fields.get("oid", "").removeprefix("sha256:")
-    if not _OID_RE.match(oid) or not fields.get("size", "").isdigit():
+    if not names.matches(names.SHA256, oid) or not fields.get("size", "").isdigit():
         return None
     return oid, int(fields["size"])
 
@@ -143,6 +144,20 @@ def load_manifest(manifest: Path) -> Any:
             raise DatasetError(
                 f"{manifest}: datasets[{i}] lacks {', '.join(missing)}; re-add it with `dlstack datasets add`"
             )
+        # The path is joined to the repo root and handed to git and open(): "../x" or "/etc/passwd" never is.
+        problem = relative_problem(e["path"], REPO_ROOT)
+        if problem is not None:
+            raise DatasetError(f"{manifest}: datasets[{i}].path {problem}")
+        if not names.matches(names.SHA256, e["oid"]):
+            raise DatasetError(
+                f"{manifest}: datasets[{i}].oid {e['oid']!r} is not a sha256 (64 lowercase hex digits); "
+                "re-add it with `dlstack datasets add`"
+            )
+        if not isinstance(e["size"], int) or isinstance(e["size"], bool) or e["size"] < 0:
+            raise DatasetError(
+                f"{manifest}: datasets[{i}].size {e['size']!r} is not a byte count; "
+                "re-add it with `dlstack datasets add`"
+            )
     return doc
 
 
@@ -165,6 +180,8 @@ def add(path: Path, description: str = "", manifest: Path | None = None) -> Data
     manifest = manifest or default_manifest()
     if not path.is_file():
         raise DatasetError(f"{path} is not a file; give the path of a dataset file inside the repo")
+    if path.is_symlink():  # LFS would store the link, not the data; and its target may be in another repo
+        raise DatasetError(f"{path} is a symlink; add the file it points to, inside the repo")
     repo = repo_root(path.resolve())
     rel = path.resolve().relative_to(repo).as_posix()
     if not lfs_tracked(repo, rel):
@@ -206,7 +223,7 @@ def resolve_dataset(ref: str, manifest: Path | None = None) -> Any:
     """A ``--dataset`` argument -> ``DatasetRef``: an oid as is, a path via the manifest or its content."""
     from services.registry import DatasetRef
 
-    if _OID_RE.match(ref):
+    if names.matches(names.SHA256, ref):
         return DatasetRef(ref, None)
     try:
         d = find(ref, manifest)
@@ -228,8 +245,12 @@ def verify(manifest: Path | None = None, threshold: int = DEFAULT_THRESHOLD) -> 
     manifest = manifest or default_manifest()
     repo = repo_root(manifest.resolve().parent if manifest.parent.exists() else Path.cwd())
     problems: list[str] = []
-    for d in datasets(manifest):
-        f = repo / d.path
+    for i, d in enumerate(datasets(manifest)):
+        try:  # a symlink out of the repo, a FIFO (which would block the read) or a device is never read
+            f = inside(repo, d.path, f"{manifest}: datasets[{i}].path", REPO_ROOT, DatasetError, dirs=False)
+        except DatasetError as exc:
+            problems.append(exc.message)
+            continue
         if not lfs_tracked(repo, d.path):
             problems.append(f"{d.path}: not tracked by Git LFS; run `dlstack datasets add {d.path}`")
         staged = subprocess.run(["git", "cat-file", "-p", f":{d.path}"], cwd=repo, capture_output=True, check=False)
