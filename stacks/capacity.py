@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any
 
 from services import outdir
-from services.atomic import atomic_write
 from services.errors import UserError
 
 WRK = "/usr/bin/wrk"
@@ -684,43 +683,55 @@ def plot(m: Measurement, path: Path) -> Path:
 
 
 def write_config(stack: str, model: str, rec: Recommendation, path: Path | None = None) -> Path:
-    """Write the sizing into ``Pulumi.<stack>.yaml``'s model entry, keeping comments; atomic and validated."""
-    from ruamel.yaml import YAML
-    from ruamel.yaml.comments import CommentedMap
+    """Write the sizing into ``Pulumi.<stack>.yaml``'s model entry, byte for byte elsewhere; atomic and validated.
+
+    The edit goes through ``stacks.yamledit`` like promotion's (same lock, same recovery of an interrupted
+    promotion first, same all-or-nothing commit), so comments, quoting, BOM and CRLF survive.
+    """
+    import tempfile
 
     from stacks.config import load_stack_config, stack_file
+    from stacks.yamledit import Doc, YamlEditError, commit, locked, recover
 
     path = path if path is not None else stack_file(stack)
     if not path.is_file():
         raise UserError(f"{path}: no such stack file; create it or pick an existing stack with --write-config")
-    y = YAML()
-    y.preserve_quotes = True
-    y.width = 4096
-    y.indent(mapping=2, sequence=4, offset=2)
-    doc = y.load(path.read_text())
-    models = (doc or {}).get("config", {}).get("dlstack:models") or []
-    entry = next((e for e in models if isinstance(e, dict) and e.get("name") == model), None)
-    if entry is None:
-        names = ", ".join(str(e.get("name")) for e in models if isinstance(e, dict)) or "none"
-        raise UserError(
-            f"{path.name}: model {model!r} is not in dlstack:models (it has: {names}); add an entry for it "
-            "first, or pass --model NAME to size an existing entry"
-        )
-    for key, values in (
-        ("replicas", {"min": rec.replicas_min, "max": rec.replicas_max, "target_cpu_percent": rec.target_cpu_percent}),
-        ("resources", {"cpu": rec.cpu, "memory": rec.memory}),
-    ):
-        if not isinstance(entry.get(key), dict):
-            entry[key] = CommentedMap()
-            entry[key].fa.set_flow_style()
-        entry[key].update(values)
-    buf = io.StringIO()
-    y.dump(doc, buf)
     try:
-        # Validate before replacing: a config the schema rejects must never land.
-        atomic_write(path, buf.getvalue(), validate=lambda tmp: load_stack_config(stack, tmp))
-    except UserError as exc:
-        raise UserError(f"{path.name}: not changed, the new sizing does not validate: {exc.message}") from exc
+        with locked([path.parent]):
+            recover(path.parent)
+            doc = Doc.read(path)
+            cfg = doc.data.get("config") if isinstance(doc.data, dict) else None
+            models = cfg.get("dlstack:models") if isinstance(cfg, dict) else None
+            models = models if isinstance(models, list) else []
+            i = next((n for n, e in enumerate(models) if isinstance(e, dict) and e.get("name") == model), None)
+            if i is None:
+                names = ", ".join(str(e.get("name")) for e in models if isinstance(e, dict)) or "none"
+                raise UserError(
+                    f"{path.name}: model {model!r} is not in dlstack:models (it has: {names}); add an entry for it "
+                    "first, or pass --model NAME to size an existing entry"
+                )
+            at = ("config", "dlstack:models", i)
+            doc.set_map(
+                (*at, "replicas"),
+                {"min": rec.replicas_min, "max": rec.replicas_max, "target_cpu_percent": rec.target_cpu_percent},
+                flow=True,
+            )
+            doc.set_map((*at, "resources"), {"cpu": rec.cpu, "memory": rec.memory}, flow=True)
+            data = doc.result()
+            with tempfile.TemporaryDirectory(prefix="dlstack-capacity-") as tmp:
+                # Validate before replacing: a config the schema rejects must never land.
+                (Path(tmp) / path.name).write_bytes(data)
+                try:
+                    load_stack_config(stack, Path(tmp) / path.name)
+                except UserError as exc:
+                    raise UserError(
+                        f"{path.name}: not changed, the new sizing does not validate: {exc.message}"
+                    ) from exc
+            commit(path.parent, {path: data})
+    except YamlEditError as exc:
+        raise UserError(f"{path.name}: not changed: {exc.message}") from exc
+    except OSError as exc:
+        raise UserError(f"{path}: not changed: {exc.strerror or exc}") from exc
     return path
 
 

@@ -15,6 +15,7 @@ check and before any write, so a failed copy leaves the stack file and the histo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import io
 import json
@@ -24,15 +25,16 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from services.atomic import atomic_write
+from services import names
 from services.errors import UserError
 from stacks.images import ImageCopy, ImageCopyError, check_insecure, copy_image, promoted_tag, split_ref
+from stacks.yamledit import Doc, YamlEditError, commit, locked, recover
 
 if TYPE_CHECKING:
     from services.registry import Registry
@@ -113,49 +115,22 @@ def default_history(stack_dir: Path) -> Path:
     return Path(env) if env else stack_dir / DEFAULT_HISTORY
 
 
-def _yaml(indent: tuple[int, int] = (4, 2)) -> Any:
-    from ruamel.yaml import YAML
-
-    y = YAML()  # round-trip: comments, key order and quotes survive
-    y.preserve_quotes = True
-    y.width = 4096  # never re-wrap long lines people wrote
-    ind, bsi = indent
-    y.indent(mapping=max(bsi, 2), sequence=ind, offset=bsi)
-    return y
-
-
-def _load_rt(path: Path) -> tuple[Any, tuple[int, int]]:
-    from ruamel.yaml.util import load_yaml_guess_indent
-
-    text = path.read_text()
-    try:
-        _, ind, bsi = load_yaml_guess_indent(text)
-        doc = _yaml((ind or 4, bsi or 2)).load(text)
-    except Exception as exc:  # ruamel raises many types; all mean "not YAML"
-        raise PromotionError(f"{path.name}: not valid YAML: {exc}") from exc
-    return doc, (ind or 4, bsi or 2)
-
-
-def _dump(doc: Any, indent: tuple[int, int]) -> str:
-    buf = io.StringIO()
-    _yaml(indent).dump(doc, buf)
-    return buf.getvalue()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    atomic_write(path, text)
-
-
-def _models_seq(doc: Any, path: Path) -> Any:
-    cfg = doc.get("config") if isinstance(doc, dict) else None
+def _models(doc: Doc, path: Path) -> list[Any]:
+    data = doc.data
+    cfg = data.get("config") if isinstance(data, dict) else None
     models = cfg.get("dlstack:models") if isinstance(cfg, dict) else None
     if not isinstance(models, list):
         raise PromotionError(f"{path.name}: no `config: dlstack:models:` list; add the models this stack serves")
     return models
 
 
-def _entry(models: Any, name: str) -> Any:
-    return next((m for m in models if isinstance(m, dict) and m.get("name") == name), None)
+def _entry(doc: Doc, path: Path, name: str) -> int | None:
+    """Index of the entry called ``name`` in the stack's model list (None: absent)."""
+    return next((i for i, m in enumerate(_models(doc, path)) if isinstance(m, dict) and m.get("name") == name), None)
+
+
+def _at(i: int, *keys: str) -> tuple[str | int, ...]:
+    return ("config", "dlstack:models", i, *keys)
 
 
 def _check_clean(path: Path, force: bool) -> None:
@@ -169,12 +144,12 @@ def _check_clean(path: Path, force: bool) -> None:
         )
 
 
-def _validate(stack: str, path: Path, text: str) -> Any:
+def _validate(stack: str, path: Path, data: bytes) -> Any:
     from stacks.config import load_stack_config
 
     with tempfile.TemporaryDirectory(prefix="dlstack-promote-") as tmp:
         candidate = Path(tmp) / path.name
-        candidate.write_text(text)
+        candidate.write_bytes(data)
         try:
             return load_stack_config(stack, candidate)
         except UserError as exc:
@@ -184,15 +159,25 @@ def _validate(stack: str, path: Path, text: str) -> Any:
 # ---- what dev runs ----------------------------------------------------------------------
 
 
+MAX_OUTPUTS_BYTES = 16 * 1024 * 1024  # stack outputs are kilobytes; a bigger file is the wrong file
+
+
 def read_outputs(stack: str, stack_dir: Path, outputs: Path | None) -> dict[str, Any] | None:
     """Stack outputs as JSON: ``--outputs FILE``, else ``pulumi stack output --json``, else None."""
+    fix = f"write it with `pulumi stack output --json -s {stack}`"
     if outputs is not None:
         try:
-            data = json.loads(outputs.read_text())
-        except (OSError, ValueError) as exc:
-            raise PromotionError(
-                f"--outputs {outputs}: unreadable ({exc}); write it with `pulumi stack output --json -s {stack}`"
-            ) from exc
+            if outputs.stat().st_size > MAX_OUTPUTS_BYTES:
+                raise PromotionError(
+                    f"--outputs {outputs}: {outputs.stat().st_size} bytes, more than the "
+                    f"{MAX_OUTPUTS_BYTES // 2**20} MiB stack outputs can be; {fix}"
+                )
+            data = json.loads(outputs.read_bytes().decode("utf-8"))
+        except (OSError, ValueError, RecursionError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else str(exc) or type(exc).__name__
+            if isinstance(exc, RecursionError):
+                why = "nested too deeply"
+            raise PromotionError(f"--outputs {outputs}: unreadable ({why}); {fix}") from exc
     elif shutil.which("pulumi"):
         res = subprocess.run(
             ["pulumi", "stack", "output", "--json", "-s", stack],
@@ -204,29 +189,58 @@ def read_outputs(stack: str, stack_dir: Path, outputs: Path | None) -> dict[str,
         )
         if res.returncode != 0:
             raise PromotionError(f"`pulumi stack output --json -s {stack}` failed: {res.stderr.strip()}")
-        data = json.loads(res.stdout or "{}")
+        try:
+            data = json.loads(res.stdout or "{}")
+        except (ValueError, RecursionError) as exc:
+            raise PromotionError(f"`pulumi stack output --json -s {stack}` printed no JSON object") from exc
     else:
         return None
     if not isinstance(data, dict):
-        raise PromotionError(f"stack outputs of {stack}: expected a JSON object with a `models` map")
+        raise PromotionError(f"stack outputs of {stack}: expected a JSON object with a `models` map; {fix}")
+    if "models" in data and not isinstance(data["models"], dict):
+        raise PromotionError(
+            f"stack outputs of {stack}: `models` is a JSON {_json_type(data['models'])}, expected an object of "
+            f"model name -> {{version, image, ...}}; {fix}"
+        )
     return data
 
 
-def _running(outputs: dict[str, Any], name: str) -> tuple[str | None, str | None, str | None]:
-    """(version, digest, model sha256) a stack reports for ``name``: ``models`` = {name: {version, image, ...}}."""
-    models = outputs.get("models")
-    entry = models.get(name) if isinstance(models, dict) else None
-    if not isinstance(entry, dict):
+def _json_type(v: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(v), "number")
+
+
+def _running(outputs: dict[str, Any], stack: str, name: str) -> tuple[str | None, str | None, str | None]:
+    """(version, digest, model sha256) a stack reports for ``name``: ``models`` = {name: {version, image, ...}}.
+
+    Every value is checked against its grammar: it ends up in the stack file and in the history.
+    """
+    entry = (outputs.get("models") or {}).get(name)
+    if entry is None:
         return None, None, None
+    where = f"stack outputs of {stack}: models.{name}"
+    fix = f"write them with `pulumi stack output --json -s {stack}`"
+    if not isinstance(entry, dict):
+        raise PromotionError(f"{where} is a JSON {_json_type(entry)}, expected an object; {fix}")
+    for key in ("version", "image", "digest", "sha256"):
+        v = entry.get(key)
+        ok = v is None or isinstance(v, str) or (key == "version" and type(v) is int)
+        if not ok:
+            raise PromotionError(f"{where}.{key} is a JSON {_json_type(v)}, expected a string; {fix}")
     version = entry.get("version")
     if isinstance(version, str) and ":" in version:
         version = version.rsplit(":", 1)[1]
+    if version is not None and not names.matches(names.VERSION, str(version)):
+        raise PromotionError(f"{where}.version {entry['version']!r} is not a registry version (1, 2, ...); {fix}")
     digest = entry.get("digest")
+    if digest is not None and not names.matches(names.DIGEST, digest):
+        raise PromotionError(f"{where}.digest {digest!r} is not sha256: and 64 lowercase hex digits; {fix}")
     if not digest:
         m = _DIGEST_RE.search(str(entry.get("image") or ""))
         digest = m.group(0) if m else None
     sha = entry.get("sha256")
-    return (str(version) if version is not None else None), digest, (str(sha) if sha else None)
+    if sha is not None and not names.matches(names.SHA256, sha):
+        raise PromotionError(f"{where}.sha256 {sha!r} is not 64 lowercase hex digits; {fix}")
+    return (str(version) if version is not None else None), digest, sha
 
 
 def _image_copy(outputs: dict[str, Any], name: str, mv: Any, digest: str, src: Any, dst: Any) -> ImageCopy:
@@ -342,29 +356,79 @@ def render_diff(stack: str, before: Path, after: Path, reg: Registry) -> tuple[s
 # ---- history ------------------------------------------------------------------------------
 
 
-def _load_history(path: Path) -> tuple[Any, tuple[int, int]]:
-    if not path.exists() or not path.read_text().strip():
-        return _yaml().load(_HISTORY_HEADER + "promotions: []\n"), (4, 2)
-    doc, indent = _load_rt(path)
-    if not isinstance(doc, dict) or not isinstance(doc.get("promotions"), list):
-        raise PromotionError(f"{path}: expected a mapping with a `promotions:` list")
-    return doc, indent
+_PROMOTIONS = ("promotions",)
+_REF_KEYS = ("from", "to", "model", "old", "new")
 
 
-def _append_history(path: Path, record: dict[str, Any]) -> None:
-    from ruamel.yaml.comments import CommentedMap
+class History:
+    """The promotion history file, parsed and checked, with the records to append."""
 
-    doc, indent = _load_history(path)
-    entry = CommentedMap()
-    for k, v in record.items():
-        entry[k] = v
-    doc["promotions"].append(entry)
-    _write_atomic(path, _dump(doc, indent))
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.doc: Doc | None = None
+        self.new: list[dict[str, Any]] = []
+        data = path.read_bytes() if path.exists() else b""
+        if data.strip():
+            self.doc = Doc(data, str(path))
+            self.records = self._check(self.doc.data)
+        else:
+            self.records = []
+
+    def _check(self, data: Any) -> list[dict[str, Any]]:
+        fix = "restore it from git, or fix the record by hand"
+        if not isinstance(data, dict) or not isinstance(data.get("promotions"), list):
+            raise PromotionError(f"{self.path}: expected a mapping with a `promotions:` list; {fix}")
+        records: list[dict[str, Any]] = data["promotions"]
+        for i, r in enumerate(records):
+            where = f"{self.path}: promotions[{i}]"
+            if not isinstance(r, dict):
+                raise PromotionError(f"{where} is not a mapping; {fix}")
+            if r.get("action") not in ("promote", "rollback"):
+                raise PromotionError(f"{where}.action is {r.get('action')!r}, expected promote or rollback; {fix}")
+            for key in _REF_KEYS:
+                if not isinstance(r.get(key), str):
+                    raise PromotionError(f"{where}.{key} is {r.get(key)!r}, expected a string; {fix}")
+            for key in ("old", "new"):
+                if not names.matches(names.MODEL_REF, r[key]) or ":" not in r[key]:
+                    raise PromotionError(f"{where}.{key} {r[key]!r} is not a pinned NAME:VERSION; {fix}")
+            for key in ("old_digest", "digest"):
+                if r.get(key) is not None and not names.matches(names.DIGEST, r[key]):
+                    raise PromotionError(f"{where}.{key} {r[key]!r} is not sha256: and 64 hex digits; {fix}")
+            undoes = r.get("undoes")
+            if r["action"] == "rollback" and not (type(undoes) is int and 0 <= undoes < i):
+                raise PromotionError(
+                    f"{where}.undoes is {undoes!r}, expected the index of an earlier promotion (0..{i - 1}); {fix}"
+                )
+        return records
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.new.append(record)
+
+    def text(self) -> bytes:
+        """The file with the new records appended, every other byte as it was."""
+        from ruamel.yaml import YAML
+
+        y = YAML()
+        y.default_flow_style = False
+        y.width = 4096
+        y.indent(mapping=2, sequence=2, offset=0)
+        buf = io.StringIO()
+        y.dump(self.new, buf)
+        items = buf.getvalue()
+        if self.doc is None:
+            text = _HISTORY_HEADER + "promotions:\n" + "".join("  " + line for line in items.splitlines(True))
+            doc = Doc(text.encode(), str(self.path))
+            if doc.data != {"promotions": self.new}:
+                raise PromotionError(f"{self.path}: the new history would not read back as written")
+            return text.encode()
+        self.doc.append_block_item(_PROMOTIONS, items)
+        for r in self.new:
+            self.doc.expect_appended(_PROMOTIONS, r)
+        return self.doc.result()
 
 
 def history(path: Path) -> list[dict[str, Any]]:
-    doc, _ = _load_history(path)
-    return [dict(e) for e in doc["promotions"]]
+    return [dict(e) for e in History(path).records]
 
 
 def _who(cwd: Path) -> str:
@@ -374,25 +438,35 @@ def _who(cwd: Path) -> str:
 # ---- promote ------------------------------------------------------------------------------
 
 
-def _apply(entry: Any, ref: str, digest: str | None) -> None:
-    from ruamel.yaml.comments import CommentedMap
-
-    entry["model"] = ref
+def _apply(doc: Doc, i: int, ref: str, digest: str | None) -> None:
+    doc.set(_at(i, "model"), ref)
+    image = doc.get(_at(i)).get("image")
     if digest is None:
-        if "image" in entry:
-            del entry["image"]  # the old digest is another version's image
-        return
-    if isinstance(entry.get("image"), dict):
-        entry["image"]["digest"] = digest
+        if image is not None:
+            doc.delete(_at(i, "image"))  # the old digest is another version's image
+    elif isinstance(image, dict):
+        doc.set(_at(i, "image", "digest"), digest)
     else:
-        image = CommentedMap()
-        image["digest"] = digest
-        entry["image"] = image
+        doc.set_map(_at(i, "image"), {"digest": digest})
 
 
 def _digest_of(entry: Any) -> str | None:
     image = entry.get("image")
     return str(image["digest"]) if isinstance(image, dict) and image.get("digest") else None
+
+
+@contextlib.contextmanager
+def _transaction(stack_dir: Path, hist: Path) -> Iterator[None]:
+    """One writer at a time per directory; an interrupted earlier write is finished first; one-line errors."""
+    dirs = [stack_dir, hist.parent]
+    try:
+        with locked(dirs):
+            recover(stack_dir, [hist.parent])
+            yield
+    except YamlEditError as exc:
+        raise PromotionError(exc.message) from exc
+    except OSError as exc:  # a file we must read or write: say which and why, never a traceback
+        raise PromotionError(f"{exc.filename or stack_dir}: {exc.strerror or exc}") from exc
 
 
 def promote(
@@ -412,10 +486,12 @@ def promote(
     render: bool = True,
     insecure_registries: Sequence[str] = (),
 ) -> PromotionResult:
-    """Pin ``to_stack``'s models to what ``from_stack`` runs; refuse with a reason on any doubt."""
-    from services.registry import Registry
-    from stacks.config import load_stack_config
+    """Pin ``to_stack``'s models to what ``from_stack`` runs; refuse with a reason on any doubt.
 
+    Everything (registry, outputs, history, the new stack file and its validation, the render diff,
+    the image copy) is computed before the first write; then the stack file and the history are
+    replaced together (``stacks.yamledit.commit``), so a failure or a kill leaves both old or both new.
+    """
     if from_stack == to_stack:
         raise PromotionError(f"--from and --to are both {from_stack!r}; promote between two stacks, e.g. dev -> prod")
     try:
@@ -425,6 +501,37 @@ def promote(
     if require_slo and not prometheus:
         raise PromotionError("--require-slo needs --prometheus URL (the Prometheus that scrapes the source stack)")
     stack_dir = stack_dir or default_stack_dir()
+    hist_path = history_file or default_history(stack_dir)
+    if not stack_dir.is_dir():
+        raise PromotionError(f"{stack_dir} is not a directory; pass the directory with the stack files as --stack-dir")
+    with _transaction(stack_dir, hist_path):
+        return _promote(
+            from_stack, to_stack, models, outputs=outputs, force=force, require_slo=require_slo,
+            prometheus=prometheus, window=window, registry=registry, stack_dir=stack_dir, hist_path=hist_path,
+            dry_run=dry_run, render=render, insecure=insecure,
+        )  # fmt: skip
+
+
+def _promote(
+    from_stack: str,
+    to_stack: str,
+    models: Sequence[str],
+    *,
+    outputs: Path | None,
+    force: bool,
+    require_slo: bool,
+    prometheus: str | None,
+    window: str,
+    registry: str | None,
+    stack_dir: Path,
+    hist_path: Path,
+    dry_run: bool,
+    render: bool,
+    insecure: Any,
+) -> PromotionResult:
+    from services.registry import Registry
+    from stacks.config import load_stack_config
+
     src_path, dst_path = stack_dir / f"Pulumi.{from_stack}.yaml", stack_dir / f"Pulumi.{to_stack}.yaml"
     for p in (src_path, dst_path):
         if not p.is_file():
@@ -432,8 +539,8 @@ def promote(
     _check_clean(dst_path, force)
     src = load_stack_config(from_stack, src_path)
     dst = load_stack_config(to_stack, dst_path)
-    names = list(models) or [m.name for m in src.models]
-    if not names:
+    names_ = list(models) or [m.name for m in src.models]
+    if not names_:
         raise PromotionError(f"{src_path.name} has no models to promote")
     # The source stack's registry: that is where the versions it runs were resolved.
     reg = Registry.for_stack(src.registry, flag=registry)
@@ -444,18 +551,19 @@ def promote(
             f"pass --outputs with the JSON of `pulumi stack output --json -s {from_stack}`, "
             f"or --force to promote what {src_path.name} pins"
         )
-    doc, indent = _load_rt(dst_path)
-    seq = _models_seq(doc, dst_path)
+    before = dst_path.read_bytes()
+    doc = Doc(before, dst_path.name)
+    hist = History(hist_path)  # parsed and checked now: a bad history must stop us before any write
     changes: list[Change] = []
     images: dict[str, ImageCopy] = {}
-    for name in names:
-        src_models = {m.name: m for m in src.models}
+    src_models = {m.name: m for m in src.models}
+    for name in names_:
         if name not in src_models:
             raise PromotionError(
                 f"model {name!r} is not in {src_path.name} (models: {', '.join(src_models) or 'none'})"
             )
-        entry = _entry(seq, name)
-        if entry is None:
+        i = _entry(doc, dst_path, name)
+        if i is None:
             raise PromotionError(
                 f"model {name!r} is not in {dst_path.name}; add an entry for it there first "
                 f"(name, model, framework, replicas, resources, slo), commit it, then promote"
@@ -469,7 +577,7 @@ def promote(
             raise PromotionError(f"{mv.ref} fails registry verification: {'; '.join(problems)}")
         digest = None
         if outs is not None:
-            running, digest, sha = _running(outs, name)
+            running, digest, sha = _running(outs, from_stack, name)
             if running != mv.version:
                 raise PromotionError(
                     f"{from_stack} does not run {mv.ref} (its outputs report version {running or 'none'} for {name}); "
@@ -486,12 +594,14 @@ def promote(
                 f"{mv.framework}; fix the framework in {dst_path.name}"
             )
         if outs is not None and digest is not None:
-            images[name] = _image_copy(outs, name, mv, digest, src, dst)
-        old = str(entry["model"])
-        changes.append(Change(name, old, mv.ref, _digest_of(entry), digest))
-        _apply(entry, mv.ref, digest)
-    before = dst_path.read_text()
-    after = _dump(doc, indent)
+            try:
+                images[name] = _image_copy(outs, name, mv, digest, src, dst)
+            except ImageCopyError as exc:
+                raise PromotionError(f"stack outputs of {from_stack}: models.{name}.image: {exc.message}") from exc
+        entry = doc.get(_at(i))
+        changes.append(Change(name, str(entry["model"]), mv.ref, _digest_of(entry), digest))
+        _apply(doc, i, mv.ref, digest)
+    after = doc.result()
     _validate(to_stack, dst_path, after)
     gates: list[GateResult] = []
     if require_slo:
@@ -507,29 +617,13 @@ def promote(
                 "SLO gate failed, nothing was written: "
                 + "; ".join(f"{g.model}:{g.version}: {g.reason}" for g in failed)
             )
-    result = _finish(to_stack, dst_path, before, after, reg, render)
-    result.changes, result.gates, result.images = changes, gates, images
-    if dry_run:
-        return result
-    # Last step before writing: every check has passed, and a pin must never precede its image.
-    # A no-op re-copies too (skopeo skips what is there): it repairs a pin whose image never arrived.
-    for img in images.values():
-        if img.needed:
-            try:
-                copy_image(img, insecure)
-            except ImageCopyError as exc:
-                raise PromotionError(f"image copy failed, nothing was written: {exc.message}") from exc
-    _write_atomic(dst_path, after)
-    result.written = True
-    hist = history_file or default_history(stack_dir)
-    commit = _git(["rev-parse", "HEAD"], stack_dir)
+    commit_sha, user, now = _git(["rev-parse", "HEAD"], stack_dir), _who(stack_dir), _now()
     for c in changes:
         if c.noop:
             continue
         gate = next((asdict(g) for g in gates if g.model == c.new.split(":")[0]), None)
         copied = images[c.model] if c.model in images and images[c.model].needed else None
-        _append_history(
-            hist,
+        hist.append(
             {
                 "action": "promote",
                 "from": from_stack,
@@ -542,12 +636,31 @@ def promote(
                 # The image prod now pulls, and where it was copied from (None: nothing was copied).
                 "image_from": copied.source_ref if copied else None,
                 "image_to": copied.target_ref if copied else None,
-                "git_commit": commit,
-                "time": _now(),
-                "user": _who(stack_dir),
+                "git_commit": commit_sha,
+                "time": now,
+                "user": user,
                 "gate": gate,
-            },
+            }
         )
+    new_history = hist.text() if hist.new else None
+    result = _finish(to_stack, dst_path, before, after, reg, render)
+    result.changes, result.gates, result.images = changes, gates, images
+    if dry_run:
+        return result
+    # Last step before writing: every check has passed, and a pin must never precede its image.
+    # A no-op re-copies too (skopeo skips what is there): it repairs a pin whose image never arrived.
+    for img in images.values():
+        if img.needed:
+            try:
+                copy_image(img, insecure)
+            except ImageCopyError as exc:
+                raise PromotionError(f"image copy failed, nothing was written: {exc.message}") from exc
+    files = {dst_path: after}
+    if new_history is not None:
+        files[hist_path] = new_history
+    if after != before or new_history is not None:
+        commit(stack_dir, files)
+    result.written = True
     return result
 
 
@@ -555,17 +668,18 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _finish(stack: str, path: Path, before: str, after: str, reg: Registry, render: bool) -> PromotionResult:
+def _finish(stack: str, path: Path, before: bytes, after: bytes, reg: Registry, render: bool) -> PromotionResult:
+    a, b = before.decode("utf-8"), after.decode("utf-8")
     diff = "".join(
         difflib.unified_diff(
-            before.splitlines(keepends=True), after.splitlines(keepends=True), f"a/{path.name}", f"b/{path.name}"
+            a.splitlines(keepends=True), b.splitlines(keepends=True), f"a/{path.name}", f"b/{path.name}"
         )
     )
     rdiff, note = None, "render skipped (--no-render)"
     if render:
         with tempfile.TemporaryDirectory(prefix="dlstack-promote-") as tmp:
             new = Path(tmp) / path.name
-            new.write_text(after)
+            new.write_bytes(after)
             rdiff, note = render_diff(stack, path, new, reg)
     return PromotionResult(changes=[], target=path, diff=diff, render_diff=rdiff, render_note=note)
 
@@ -586,48 +700,60 @@ def rollback(
 ) -> PromotionResult:
     """Restore the version ``env`` ran before its latest (not yet rolled back) promotion of ``model``."""
     stack_dir = stack_dir or default_stack_dir()
+    hist_path = history_file or default_history(stack_dir)
+    if not stack_dir.is_dir():
+        raise PromotionError(f"{stack_dir} is not a directory; pass the directory with the stack files as --stack-dir")
+    with _transaction(stack_dir, hist_path):
+        return _rollback(env, model, stack_dir, hist_path, registry, force, dry_run, render)
+
+
+def _rollback(
+    env: str,
+    model: str,
+    stack_dir: Path,
+    hist_path: Path,
+    registry: str | None,
+    force: bool,
+    dry_run: bool,
+    render: bool,
+) -> PromotionResult:
+    from services.registry import Registry
+    from stacks.config import load_stack_config
+
     path = stack_dir / f"Pulumi.{env}.yaml"
     if not path.is_file():
         raise PromotionError(f"{path} does not exist; run from the repo root or pass --stack-dir")
-    hist = history_file or default_history(stack_dir)
-    records = history(hist)
-    undone = {int(r["undoes"]) for r in records if r.get("action") == "rollback" and r.get("undoes") is not None}
+    hist = History(hist_path)
+    records = hist.records
+    undone = {int(r["undoes"]) for r in records if r.get("action") == "rollback"}
     candidates = [
         (i, r)
         for i, r in enumerate(records)
         if r.get("action") == "promote" and r.get("to") == env and r.get("model") == model and i not in undone
     ]
     if not candidates:
-        raise PromotionError(f"{hist.name} has no promotion of {model!r} to {env} left to roll back")
+        raise PromotionError(f"{hist_path.name} has no promotion of {model!r} to {env} left to roll back")
     idx, rec = candidates[-1]
     _check_clean(path, force)
-    doc, indent = _load_rt(path)
-    entry = _entry(_models_seq(doc, path), model)
-    if entry is None:
+    before = path.read_bytes()
+    doc = Doc(before, path.name)
+    i = _entry(doc, path, model)
+    if i is None:
         raise PromotionError(f"model {model!r} is not in {path.name}; nothing to roll back")
-    current = str(entry["model"])
+    entry = doc.get(_at(i))
+    current = str(entry.get("model"))
     if current != rec["new"] and not force:
         raise PromotionError(
             f"{path.name} pins {current} but the latest promotion set {rec['new']}; it was edited by hand, "
             "so rollback would not restore a known state; fix it by hand or pass --force"
         )
     change = Change(model, current, str(rec["old"]), _digest_of(entry), rec.get("old_digest"))
-    _apply(entry, change.new, change.digest)
-    before, after = path.read_text(), _dump(doc, indent)
+    _apply(doc, i, change.new, change.digest)
+    after = doc.result()
     _validate(env, path, after)
-    from services.registry import Registry
-    from stacks.config import load_stack_config
-
     cfg = load_stack_config(env, path)
     reg = Registry.for_stack(cfg.registry, flag=registry)
-    result = _finish(env, path, before, after, reg, render)
-    result.changes = [change]
-    if dry_run:
-        return result
-    _write_atomic(path, after)
-    result.written = True
-    _append_history(
-        hist,
+    hist.append(
         {
             "action": "rollback",
             "from": env,
@@ -645,8 +771,15 @@ def rollback(
             "time": _now(),
             "user": _who(stack_dir),
             "gate": None,
-        },
+        }
     )
+    new_history = hist.text()
+    result = _finish(env, path, before, after, reg, render)
+    result.changes = [change]
+    if dry_run:
+        return result
+    commit(stack_dir, {path: after, hist_path: new_history})
+    result.written = True
     return result
 
 
