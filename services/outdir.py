@@ -31,6 +31,7 @@ from services.errors import UserError
 from services.paths import relative_problem
 
 DIR_MODE = 0o755  # mkdtemp makes 0700; served artifacts must be readable by the image's non-root user
+_WRITABLE = "choose a directory you can write to"
 _TAG = "dlstack"  # in temp names: `.NAME.dlstack-partial-PID-RAND`, `.NAME.dlstack-old-PID-RAND`
 
 
@@ -198,11 +199,12 @@ def replace_dir(target: Path | str, *, label: str, what: str, recognise: Recogni
         tmp = _temp_name(t, "partial")
         tmp.mkdir(mode=0o700)
     except OSError as exc:
-        raise OutputError(
-            f"cannot write {shown}: {exc.strerror} ({exc.filename or t.parent}); choose a directory you can write to"
-        ) from None
+        raise OutputError(f"cannot write {shown}: {exc.strerror} in {t.parent}; {_WRITABLE}") from None
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as exc:  # a full disk, a quota: one line, and the old output is still there
+            raise OutputError(f"writing {shown} failed: {exc.strerror or exc}; it was left as it was") from None
         os.chmod(tmp, DIR_MODE)
         _swap_in(tmp, t, shown, what, recognise)
     finally:
@@ -218,7 +220,7 @@ def _swap_in(tmp: Path, t: Path, shown: str, what: str, recognise: Recognise) ->
         return
     except OSError as exc:
         if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-            raise OutputError(f"cannot write {shown}: {exc.strerror}; choose a directory you can write to") from None
+            raise OutputError(f"cannot write {shown}: {exc.strerror}; {_WRITABLE}") from None
     # A previous output: move it aside under a name nobody else uses, look again (something may have
     # been added since the check), then move the new one in and delete the old.
     if os.path.islink(t):
@@ -274,7 +276,7 @@ def replace_file(target: Path | str, data: bytes, *, label: str, what: str, reco
         t.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=t.parent, prefix=f".{t.name}.{_TAG}-partial-{os.getpid()}-")
     except OSError as exc:
-        raise OutputError(f"cannot write {shown}: {exc.strerror}; choose a directory you can write to") from None
+        raise OutputError(f"cannot write {shown}: {exc.strerror} in {t.parent}; {_WRITABLE}") from None
     tmp = Path(name)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -291,7 +293,7 @@ def replace_file(target: Path | str, data: bytes, *, label: str, what: str, reco
             check_file(target, label=label, what=what, recognise=recognise)
             os.replace(tmp, t)
     except OSError as exc:
-        raise OutputError(f"cannot write {shown}: {exc.strerror}; choose a directory you can write to") from None
+        raise OutputError(f"writing {shown} failed: {exc.strerror or exc}; it was left as it was") from None
     finally:
         tmp.unlink(missing_ok=True)
     return t
