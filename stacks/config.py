@@ -573,12 +573,12 @@ def _stack_checks(cfg: StackConfig) -> list[tuple[str, str]]:
 # Error formatting: pydantic errors -> "file: dlstack:key.path[i]: message".
 
 
-_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_:-]{1,64}")  # ":" for namespaced keys; "." would read as a path
 
 
 def _key(part: str) -> str:
     """A key as written in a message: quoted when it holds anything but letters, digits, "_" and "-"."""
-    return part if _PLAIN_KEY.fullmatch(part) else _q(part, 40)
+    return part if _PLAIN_KEY.fullmatch(part) and not part.endswith(":") else _q(part, 40)
 
 
 def _key_path(loc: tuple[int | str, ...]) -> str:
@@ -647,8 +647,18 @@ def _message(err: Any) -> tuple[tuple[int | str, ...], str]:
     if kind == "missing":
         return loc, "is required; add it"
     if kind in ("int_type", "float_type", "bool_type") and isinstance(err["input"], float | int | bool):
-        want = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false"}[kind]
-        return loc, f"{_show(err['input'])} is invalid: write {want}"
+        scalar = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false"}[kind]
+        return loc, f"{_show(err['input'])} is invalid: write {scalar}"
+    # Wrong shapes: say what to write, not pydantic's class names ("instance of ReplicasConfig", "tuple").
+    shape = {
+        "tuple_type": "a list (one '- item' per line)",
+        "list_type": "a list (one '- item' per line)",
+        "model_type": "a mapping (key: value)",
+        "dict_type": "a mapping (key: value)",
+        "string_type": "a string (quote it)",
+    }.get(kind)
+    if shape is not None:
+        return loc, f"{_show(err['input'])} is invalid: write {shape}"
     if kind == "finite_number":
         return loc, f"{_show(err['input'])} is not a finite number; write a number"
     msg = str(err["msg"])
@@ -910,14 +920,14 @@ def _check_events(text: str, name: str) -> None:
                 parent.key = value
                 parent.weight += len(value) + 1
                 continue
-            where = _where(stack)
-            ours = where.startswith(f"{NAMESPACE}:") or not where.partition(":")[1]
-            if ours and len(value) > MAX_STRING:
-                fail(line, f"is {len(value)} characters long; at most {MAX_STRING} are allowed, shorten it")
             if ev.style is None and tag is None:  # a plain scalar: YAML reads numbers from it
                 problem = _number_problem(value)
                 if problem:
                     fail(line, problem)
+            where = _where(stack)
+            ours = where.startswith(f"{NAMESPACE}:") or not where.partition(":")[1]
+            if ours and len(value) > MAX_STRING:
+                fail(line, f"is {len(value)} characters long; at most {MAX_STRING} are allowed, shorten it")
             finish(len(value) + 1, ev.anchor)
 
 
@@ -926,7 +936,8 @@ def _number_problem(value: str) -> str | None:
     if _NOT_FINITE.fullmatch(value):
         return f"{value} is not a finite number; write a number"
     digits = sum(c.isdigit() for c in value.split("e")[0].split("E")[0])
-    out_of_range = f"{_q(value, 24)[1:-1]} is out of range; write a number of at most {MAX_DIGITS} digits"
+    shown = value if len(value) <= 24 else f"{value[:24]}... ({len(value)} characters)"
+    out_of_range = f"{shown} is out of range; write a number of at most {MAX_DIGITS} digits"
     if _INT.fullmatch(value) and digits > MAX_DIGITS:
         return out_of_range
     if _FLOAT.fullmatch(value):
