@@ -167,16 +167,19 @@ def _entry_problems(at: str, name: str, version: str, entry: object) -> list[str
     blobs = entry["blobs"]
     if not isinstance(blobs, dict):
         return [*out, f"{at}.blobs: expected a mapping of path to sha256; {fix}"]
+    good: list[str] = []  # blob paths that are plain relative paths, for the checks against the spec
     for rel, sha in blobs.items():
         problem = relative_problem(rel, "the model directory")
         if problem is not None:
             out.append(f"{at}.blobs{_key(rel)}: {problem}")
-        elif not names.matches(names.SHA256, sha):
+            continue
+        good.append(rel)
+        if not names.matches(names.SHA256, sha):
             out.append(f"{at}.blobs{_key(rel)}: {sha!r} is not a sha256 (64 lowercase hex digits); {fix}")
     # A blob that is also a parent directory of another ("a" and "a/b") cannot be written out.
-    paths = set(blobs)
-    for rel in sorted(blobs):
-        parts = rel.split("/") if isinstance(rel, str) else []
+    paths = set(good)
+    for rel in sorted(good):
+        parts = rel.split("/")
         clash = next(("/".join(parts[:i]) for i in range(1, len(parts)) if "/".join(parts[:i]) in paths), None)
         if clash is not None:
             out.append(f"{at}.blobs{_key(rel)}: {clash!r} is both a file and a directory; {fix}")
@@ -188,8 +191,8 @@ def _entry_problems(at: str, name: str, version: str, entry: object) -> list[str
         return [*out, f"{at}.spec: {format_validation_error(exc)}"]
     if (spec.name, spec.version) != (name, version):
         out.append(f"{at}.spec: says {spec.name}:{spec.version}, not {name}:{version}; {fix}")
-    for rel in blobs:
-        if isinstance(rel, str) and not any(rel == f.path or rel.startswith(f.path + "/") for f in spec.files):
+    for rel in good:
+        if not any(rel == f.path or rel.startswith(f.path + "/") for f in spec.files):
             out.append(f"{at}.blobs{_key(rel)}: not under any of the spec's files; {fix}")
     return out
 
