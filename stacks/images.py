@@ -24,9 +24,9 @@ import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from services import names
 from services.errors import UserError
 
-_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 # skopeo (logrus) ends with: time="..." level=fatal msg="what failed: why"; the msg is the useful part.
 _FATAL_RE = re.compile(r'level=fatal msg="((?:[^"\\]|\\.)*)"')
 # Index media types whose `manifests` are copied by --all and must all be present on the target too.
@@ -197,7 +197,7 @@ def verify(copy: ImageCopy, insecure: frozenset[str] = frozenset()) -> list[str]
     if isinstance(doc, dict) and (doc.get("mediaType") in _INDEX_TYPES or "manifests" in doc):
         for m in doc.get("manifests") or []:
             child = str(m.get("digest", ""))
-            if _DIGEST_RE.match(child):
+            if names.matches(names.DIGEST, child):
                 _manifest(skopeo, f"{copy.target}@{child}", child, copy, insecure)
                 seen.append(child)
     return seen
@@ -205,7 +205,7 @@ def verify(copy: ImageCopy, insecure: frozenset[str] = frozenset()) -> list[str]
 
 def copy_image(copy: ImageCopy, insecure: frozenset[str] = frozenset()) -> list[str]:
     """Copy ``source@digest`` to ``target:tag`` unchanged, then verify; returns the digests read back."""
-    if not _DIGEST_RE.match(copy.digest):
+    if not names.matches(names.DIGEST, copy.digest):
         raise ImageCopyError(f'"{copy.digest}" is not an image digest (expected "sha256:" and 64 hex digits)')
     skopeo = _skopeo()
     _run(

@@ -495,3 +495,85 @@ def test_an_object_store_index_is_checked_the_same_way(
     rc, out, err = run(capsys, "models", "export", "mlp:1", str(world.work / "out"))
     assert (rc, out, err) == (2, "", f"dlstack models: error: {line}\n")
     assert {k: v for k, v in snapshot(world.tmp).items() if k != "work/out"} == before
+
+
+# ---- CLI locations and the dataset manifest ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("location", ["s3://bucket\n", "s3://buc\nket/models", "/srv/registry\t"])
+def test_a_registry_location_with_a_control_character_is_refused(
+    world: World, capsys: pytest.CaptureFixture[str], location: str
+) -> None:
+    before = snapshot(world.tmp)
+    rc, out, err = run(capsys, "models", "list", "--registry", location)
+    assert (rc, out) == (2, "")
+    assert err == f"dlstack models: error: --registry: {json.dumps(location)} has a control character; remove it\n"
+    assert snapshot(world.tmp) == before
+
+
+SHA_A = "a" * 64
+MANIFESTS: dict[str, tuple[str, str]] = {
+    "dotdot": (
+        f"datasets:\n- {{path: ../../outside/secret, oid: {SHA_A}, size: 1}}\n",
+        f"datasets[0].path '../../outside/secret' leaves the repository; {FIX}",
+    ),
+    "absolute": (
+        f"datasets:\n- {{path: /etc/passwd, oid: {SHA_A}, size: 1}}\n",
+        f"datasets[0].path '/etc/passwd' leaves the repository; {FIX}",
+    ),
+    "newline": (
+        f'datasets:\n- {{path: "data.csv\\n", oid: {SHA_A}, size: 1}}\n',
+        "datasets[0].path 'data.csv\\n' is not a valid path; write a relative path with '/' inside the repository",
+    ),
+    "oid-not-hex": (
+        "datasets:\n- {path: data.csv, oid: ../../x, size: 1}\n",
+        "datasets[0].oid '../../x' is not a sha256 (64 lowercase hex digits); re-add it with `dlstack datasets add`",
+    ),
+    "size-negative": (
+        f"datasets:\n- {{path: data.csv, oid: {SHA_A}, size: -1}}\n",
+        "datasets[0].size -1 is not a byte count; re-add it with `dlstack datasets add`",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MANIFESTS))
+@pytest.mark.parametrize("command", ["list", "verify"])
+def test_a_hostile_dataset_manifest_is_refused(
+    world: World, capsys: pytest.CaptureFixture[str], case: str, command: str
+) -> None:
+    from tests.conftest import git
+
+    text, problem = MANIFESTS[case]
+    git(world.work, "init", "-q")  # verify works in a repository; the manifest is refused before git is asked
+    manifest = world.work / "datasets.yaml"
+    manifest.write_text(text)
+    before = snapshot(world.tmp)
+    rc, out, err = run(capsys, "datasets", command, "--manifest", str(manifest))
+    assert (rc, out) == (2, "")
+    assert err == f"dlstack datasets: error: {manifest}: {problem}\n"
+    assert snapshot(world.tmp) == before
+
+
+def test_datasets_verify_never_reads_a_symlink_out_of_the_repo_or_a_fifo(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.conftest import git
+
+    repo = world.work / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    (repo / "leak.csv").symlink_to(world.outside / "secret")
+    os.mkfifo(repo / "pipe.csv")
+    manifest = repo / "datasets.yaml"
+    manifest.write_text(
+        f"datasets:\n- {{path: leak.csv, oid: {SHA_A}, size: 1}}\n- {{path: pipe.csv, oid: {SHA_A}, size: 1}}\n"
+    )
+    before = snapshot(world.tmp)
+    rc, out, err = run(capsys, "datasets", "verify", "--manifest", str(manifest))
+    assert (rc, out) == (1, "")
+    assert err.splitlines() == [
+        f"PROBLEM {manifest}: datasets[0].path 'leak.csv' leaves the repository through a symlink; {FIX} "
+        "(copy the file in, don't link it)",
+        f"PROBLEM {manifest}: datasets[1].path 'pipe.csv' is a FIFO; {ONLY_REGULAR}",
+    ]
+    assert snapshot(world.tmp) == before

@@ -15,6 +15,7 @@ Precedence, highest first: ``--registry`` > ``$DLSTACK_REGISTRY`` > the stack fi
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -42,10 +43,11 @@ _BUCKET_HINT = {
 }
 # Key characters that need no escaping on any of the three services.
 _SEGMENT = re.compile(r"^[A-Za-z0-9!_.*'()=+@,-]+$")
-_URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)$")
+# Used with fullmatch (DOTALL): "$" would let "s3://bucket\n" through, and "." would stop at a newline.
+_URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)", re.DOTALL)
 # pathlib collapses "//": Path("s3://b/p") is "s3:/b/p". A caller whose --registry is still typed
 # as a Path hands us that; undo it rather than silently make a local directory named "s3:".
-_COLLAPSED = re.compile(r"^(?P<scheme>s3|gs|az):/(?P<rest>[^/].*)$")
+_COLLAPSED = re.compile(r"(?P<scheme>s3|gs|az):/(?P<rest>[^/].*)", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -91,12 +93,17 @@ def check_location(value: str) -> str:
 
 
 def _parse(value: str | PurePath, source: str, base: Path | None) -> RegistryLocation:
-    text = str(value).strip()
-    if isinstance(value, PurePath) and (m := _COLLAPSED.match(text)):
+    raw = str(value)
+    if any(ord(c) < 32 or ord(c) == 127 for c in raw):
+        # Refused, not stripped: a location that ends in "\n" came from a broken file or script, and every
+        # later message would break across lines.
+        raise ValueError(f"{json.dumps(raw)} has a control character; remove it")
+    text = raw.strip()
+    if isinstance(value, PurePath) and (m := _COLLAPSED.fullmatch(text)):
         text = f"{m['scheme']}://{m['rest']}"
     if not text:
         raise ValueError(f"the registry location is empty; write {GRAMMAR}")
-    m = _URL.match(text)
+    m = _URL.fullmatch(text)
     if m is None:
         return _local(Path(text), source, base)
     scheme, rest = m["scheme"].lower(), m["rest"]
@@ -114,10 +121,10 @@ def _parse(value: str | PurePath, source: str, base: Path | None) -> RegistryLoc
         )
     bucket, _, prefix = rest.partition("/")
     prefix = prefix.strip("/")
-    if not _BUCKET[scheme].match(bucket):
+    if not _BUCKET[scheme].fullmatch(bucket):
         raise ValueError(f'"{text}": "{bucket}" is not a valid bucket name ({_BUCKET_HINT[scheme]})')
     for part in prefix.split("/") if prefix else []:
-        if part in ("", ".", "..") or not _SEGMENT.match(part):
+        if part in ("", ".", "..") or not _SEGMENT.fullmatch(part):
             raise ValueError(
                 f'"{text}": prefix segment "{part}" is invalid; use letters, digits and !_.*\'()=+@,- '
                 'separated by single "/"'
