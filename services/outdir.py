@@ -77,6 +77,21 @@ def _show(label: str, shown: Path | str) -> str:
     return f"{label} {shown}"
 
 
+def _probe_writable(t: Path, shown: str) -> None:
+    """Refuse now, not after minutes of work, when the directory that will receive ``t`` is not writable.
+
+    The probe is an unnamed file (O_TMPFILE where the system has it): nothing appears in the directory.
+    """
+    d = t.parent
+    while not d.exists() and d.parent != d:
+        d = d.parent  # created later with parents=True: the nearest existing one must be writable
+    try:
+        with tempfile.TemporaryFile(dir=d):
+            pass
+    except OSError as exc:
+        raise OutputError(f"cannot write {shown}: {exc.strerror} in {d}; {_WRITABLE}") from None
+
+
 def check_dir(target: Path | str, *, label: str, what: str, recognise: Recognise) -> Path:
     """Refuse (OutputError) unless ``target`` may be replaced; return its absolute path (links not resolved).
 
@@ -98,6 +113,7 @@ def check_dir(target: Path | str, *, label: str, what: str, recognise: Recognise
     try:
         st = os.lstat(t)
     except FileNotFoundError:
+        _probe_writable(t, shown)
         return t
     except OSError as exc:
         raise OutputError(f"{shown}: {exc.strerror}; {fix}") from None
@@ -110,6 +126,7 @@ def check_dir(target: Path | str, *, label: str, what: str, recognise: Recognise
     except OSError as exc:
         raise OutputError(f"{shown}: {exc.strerror}; {fix}") from None
     if empty:
+        _probe_writable(t, shown)
         return t
     claim = recognise(t)
     if claim is None:
@@ -119,6 +136,7 @@ def check_dir(target: Path | str, *, label: str, what: str, recognise: Recognise
         raise OutputError(
             f"{shown} holds {stray!r}, which the previous {what} there did not write; move it away or {fix}"
         )
+    _probe_writable(t, shown)
     return t
 
 
@@ -256,6 +274,7 @@ def check_file(target: Path | str, *, label: str, what: str, recognise: Callable
     try:
         st = os.lstat(t)
     except FileNotFoundError:
+        _probe_writable(t, shown)
         return t
     except OSError as exc:
         raise OutputError(f"{shown}: {exc.strerror}; {fix}") from None
@@ -265,6 +284,7 @@ def check_file(target: Path | str, *, label: str, what: str, recognise: Callable
         raise OutputError(f"{shown} is a directory; {fix}")
     if not stat.S_ISREG(st.st_mode) or not recognise(t):
         raise OutputError(f"{shown} exists and is not a previous {what}; {fix}")
+    _probe_writable(t, shown)
     return t
 
 

@@ -329,18 +329,20 @@ def test_read_only_parent_is_refused(shared: dict[str, Any], work: Path) -> None
         if shutil.which("setpriv") is None:
             pytest.skip("root ignores permission bits and setpriv (util-linux) is missing to drop that")
         prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+    argvs = {name: (cmd.name, cmd.label, cmd.argv) for name, cmd in commands(shared).items()}
+    argvs["capacity --plot"] = ("capacity", "--plot", _capacity)  # refused before measuring, not after
     try:
-        for command, cmd in commands(shared).items():
+        for command, (name, label, argv) in argvs.items():
             before = snapshot(work)
             target = parent / "out"
             res = subprocess.run(
-                [*prefix, sys.executable, "-m", "stacks.cli", *cmd.argv(str(target))],
+                [*prefix, sys.executable, "-m", "stacks.cli", *argv(str(target))],
                 cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
             )  # fmt: skip
             assert "Traceback" not in res.stdout + res.stderr, command
             assert (res.returncode, res.stderr) == (
                 2,
-                f"dlstack {cmd.name}: error: cannot write {cmd.label} {target}: Permission denied in {parent}; "
+                f"dlstack {name}: error: cannot write {label} {target}: Permission denied in {parent}; "
                 "choose a directory you can write to\n",
             ), command
             assert snapshot(work) == before
