@@ -6,6 +6,15 @@ a stack file (offline render, promotion, capacity planning) and the Pulumi engin
 file, the key path and the fix, e.g.::
 
     Pulumi.prod.yaml: dlstack:models[1].resources.cpu: "2 cores" is not a Kubernetes quantity (e.g. "2" or "500m")
+
+Problems found while reading the YAML also name the line (``Pulumi.prod.yaml:12: dlstack:models[0]...``).
+A stack file is untrusted input, read with bounds (``check_stack_text``): at most ``MAX_FILE_BYTES``,
+UTF-8, one document, nesting at most ``MAX_DEPTH``, aliases expanding it to at most ``ALIAS_EXPANSION``
+times its size, no duplicate keys, no tags beyond plain YAML, numbers of at most ``MAX_DIGITS`` digits
+and finite. Every ``config:`` key is ``dlstack:<key>`` or belongs to one of ``PROVIDER_NAMESPACES``
+(kubernetes:, pulumi:, random:, docker-build:); anything else is an error with a suggestion, because
+a misspelt namespace used to be skipped silently. Names, references and digests use the full-string
+grammar of ``services.names``.
 """
 
 from __future__ import annotations
@@ -695,10 +704,10 @@ def _namespace_problem(key: str) -> str | None:
         m = _SEPARATOR_TYPO.fullmatch(key)
         if m and _close(m["ns"], [NAMESPACE]) is not None:
             fix = _close(m["name"], fields) or m["name"]
-            return f'the namespace needs a ":"; did you mean "{NAMESPACE}:{fix}"?'
+            return f'the namespace needs a ":"; did you mean {_q(NAMESPACE + ":" + fix)}?'
         fix = _close(key, fields)
         if fix is not None:
-            return f'has no namespace; did you mean "{NAMESPACE}:{fix}"?'
+            return f"has no namespace; did you mean {_q(NAMESPACE + ':' + fix)}?"
         return f'has no namespace; write "{NAMESPACE}:<key>" (keys: {", ".join(fields)})'
     if ns == NAMESPACE:
         if not name:
@@ -708,12 +717,12 @@ def _namespace_problem(key: str) -> str | None:
         return None  # provider settings (e.g. "kubernetes:context") belong to their providers
     if _close(ns, [NAMESPACE]) is not None:
         fix = _close(name, fields) or name
-        return f'unknown namespace "{ns}"; did you mean "{NAMESPACE}:{fix}"?'
+        return f"unknown namespace {_q(ns)}; did you mean {_q(NAMESPACE + ':' + fix)}?"
     provider = _close(ns, PROVIDER_NAMESPACES)
     if provider is not None:
-        return f'unknown namespace "{ns}"; did you mean "{provider}:{name}"?'
+        return f"unknown namespace {_q(ns)}; did you mean {_q(provider + ':' + name)}?"
     return (
-        f'unknown namespace "{ns}"; this program reads "{NAMESPACE}:" keys, and only the providers\' '
+        f'unknown namespace {_q(ns)}; this program reads "{NAMESPACE}:" keys, and only the providers\' '
         f"namespaces ({', '.join(p + ':' for p in PROVIDER_NAMESPACES)}) may appear besides"
     )
 
@@ -730,7 +739,7 @@ def _strip_ns(raw: dict[Any, Any], source: str) -> dict[str, Any]:
         if ns != NAMESPACE:
             continue
         if name in SECRET_KEYS:
-            if not (isinstance(value, dict) and set(value) == {"secure"}):
+            if not (isinstance(value, dict) and set(value) == {"secure"} and isinstance(value["secure"], str)):
                 raise ConfigError(
                     f"{source}: {key}: is a secret and must not be stored in plain text; "
                     f"run `pulumi config set --secret {key} <value>` (or remove it to generate one)"
@@ -925,8 +934,8 @@ def _check_events(text: str, name: str) -> None:
                 if problem:
                     fail(line, problem)
             where = _where(stack)
-            ours = where.startswith(f"{NAMESPACE}:") or not where.partition(":")[1]
-            if ours and len(value) > MAX_STRING:
+            # Only dlstack's own values: a provider's (an inline kubeconfig) may be long.
+            if where.startswith(f"{NAMESPACE}:") and len(value) > MAX_STRING:
                 fail(line, f"is {len(value)} characters long; at most {MAX_STRING} are allowed, shorten it")
             finish(len(value) + 1, ev.anchor)
 

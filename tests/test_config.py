@@ -277,3 +277,30 @@ def test_parse_config_requires_the_core_sections() -> None:
         "Pulumi.x.yaml: dlstack:images: is required; add it",
         "Pulumi.x.yaml: dlstack:ingress: is required; add it",
     ]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("dlstak:models", "[]", 'dlstak:models: unknown namespace "dlstak"; did you mean "dlstack:models"?'),
+        ("aws:region", "us-east-1", 'aws:region: unknown namespace "aws"; this program reads "dlstack:" keys'),
+        ("dlstack:models", '[{"name": "a", "slo": {"p99_ms": NaN}}]', "dlstack:models[0].slo.p99_ms: nan is not a"),
+        ("dlstack:models", '[{"replicas": {"max": 1' + "0" * 40 + "}}]", "dlstack:models[0].replicas.max: a 41-digit"),
+        ("dlstack:models", "[" * 100_000 + "]" * 100_000, "dlstack:models: is 200000 characters long; at most 1024"),
+        ("dlstack:kubernetes", '{"context": "kind\\n"}', 'dlstack:kubernetes.context: "kind\\n" contains a control'),
+    ],
+    ids=["namespace-typo", "unknown-namespace", "nan", "huge-int", "deep-json", "newline"],
+)
+def test_engine_config_gets_the_same_hostile_checks(
+    monkeypatch: pytest.MonkeyPatch, key: str, value: str, message: str
+) -> None:
+    """`pulumi up` reads pulumi.Config, not the file: the namespace rules and bounds must hold there too."""
+    raw = _doc("dev")["config"]
+    engine = {k: v if isinstance(v, str) else json.dumps(v) for k, v in raw.items()}
+    engine["kubernetes:context"] = "kind-dlstack"  # a provider's own setting is fine
+    engine[key] = value
+    monkeypatch.setenv("PULUMI_CONFIG", json.dumps(engine))
+    with pytest.raises(ConfigError) as err:
+        load_pulumi_config("dev")
+    assert err.value.message.startswith("Pulumi.dev.yaml: " + message)
+    assert len(err.value.message.splitlines()) == 1
