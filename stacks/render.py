@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from services.errors import UserError
-from services.outdir import Claim, check_dir, clean_relpath, replace_dir
+from services.outdir import Claim, check_dir, check_file, clean_relpath, replace_dir, replace_file
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS_DIR = ("manifests", "helm", "images", "rules")
@@ -545,7 +545,7 @@ def register(sub: Any) -> None:
     d.add_argument("--git", metavar="REF", help="render --stack at git REF and compare with the working tree")
     d.add_argument("--stack", help="stack for --git (e.g. dev)")
     d.add_argument("--config-file", type=Path, help="stack file for --git renders")
-    d.add_argument("--out", type=Path, help="also write the markdown to this file")
+    d.add_argument("--out", type=Path, help="also write the markdown to this file (new, or a previous render-diff)")
     d.add_argument("--registry", help=_REGISTRY_HELP + " (for --git)")
     d.set_defaults(func=_diff_cmd)
 
@@ -558,7 +558,23 @@ def _render_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+_DIFF_HEAD = b"# Render diff: `"  # how to_markdown starts: what makes a file a previous render-diff
+
+
+def _is_diff(path: Path) -> bool:
+    try:
+        with path.open("rb") as fh:
+            return fh.read(len(_DIFF_HEAD)) == _DIFF_HEAD
+    except OSError:
+        return False
+
+
+_DIFF_OUT: dict[str, Any] = {"label": "--out", "what": "render-diff", "recognise": _is_diff}
+
+
 def _diff_cmd(args: argparse.Namespace) -> int:
+    if args.out:
+        check_file(args.out, **_DIFF_OUT)  # before rendering: a refusal must not cost two renders
     if args.git:
         if not args.stack:
             raise UserError("render-diff --git REF needs --stack (e.g. --stack dev)")
@@ -573,7 +589,7 @@ def _diff_cmd(args: argparse.Namespace) -> int:
             raise UserError("render-diff needs two render directories A B (or --git REF --stack ENV)")
         text = to_markdown(diff_renders(args.a, args.b), str(args.a), str(args.b))
     if args.out:
-        _write(args.out, text)
+        replace_file(args.out, text.encode(), **_DIFF_OUT)  # a new file or a previous diff, never another file
     sys.stdout.write(text)
     return 0
 

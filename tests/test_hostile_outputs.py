@@ -448,7 +448,7 @@ def test_temp_directories_of_a_killed_run_are_removed_and_a_live_runs_kept(
     assert outside({k: v for k, v in before.items() if k.split("/")[0] not in gone}, "out") == outside(after, "out")
 
 
-@pytest.mark.parametrize("command", ["render", "export"])
+@pytest.mark.parametrize("command", DIR_COMMANDS)
 def test_a_failed_write_leaves_the_previous_output_and_no_temp_directory(
     command: str, shared: dict[str, Any], work: Path, capsys: pytest.CaptureFixture[str], monkeypatch: Any
 ) -> None:
@@ -459,10 +459,12 @@ def test_a_failed_write_leaves_the_previous_output_and_no_temp_directory(
     def full(*_a: object, **_k: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    if command == "render":
-        monkeypatch.setattr("stacks.render._write_tree", full)
-    else:
-        monkeypatch.setattr("services.registry.registry.write_spec", full)
+    where = {
+        "render": "stacks.render._write_tree",
+        "package": "services.packaging.write_spec",
+        "export": "services.registry.registry.write_spec",
+    }
+    monkeypatch.setattr(where[command], full)
     msg = f"dlstack {cmd.name}: error: writing {cmd.label} {target} failed: No space left on device; "
     expect_refusal(capsys, cmd, work, str(target), msg + "it was left as it was\n")
 
@@ -527,3 +529,39 @@ def test_capacity_plot_replaces_only_its_own_plot_atomically(work: Path, capsys:
     (work / "mine.png").write_bytes(first[:8] + b"\0\0\0\0IEND" + b"\0" * 4)
     with pytest.raises(OutputError, match=r"^--plot .*/mine.png exists and is not a previous capacity plot;"):
         plot(m, work / "mine.png")
+
+
+# -------------------------------------------------------------------------------------------------
+# render-diff --out: a file, by the same rule
+
+
+@pytest.mark.parametrize("case", ["a user's file", "a symlink", "a directory"])
+def test_render_diff_out_refuses_what_it_did_not_write(
+    case: str, shared: dict[str, Any], work: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    render = str(shared["prev"] / "render")
+    target = {"a user's file": work / "notes.txt", "a directory": work / "elsewhere"}.get(case, work / "diff.md")
+    if case == "a symlink":
+        target.symlink_to(work / "notes.txt")
+    rest = {"a symlink": "is a symbolic link, which is never written through", "a directory": "is a directory"}
+    before = snapshot(work)
+    code, out, err = cli(capsys, ["render-diff", render, render, "--out", str(target)])
+    assert (code, out) == (2, "")
+    assert err == (
+        f"dlstack render-diff: error: --out {target} "
+        f"{rest.get(case, 'exists and is not a previous render-diff')}; choose a new file name\n"
+    )
+    assert snapshot(work) == before
+
+
+def test_render_diff_out_replaces_a_previous_diff(
+    shared: dict[str, Any], work: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    render = str(shared["prev"] / "render")
+    target = work / "diff.md"
+    for _ in range(2):  # new, then over the previous one
+        before = outside(snapshot(work), "diff.md")
+        code, out, err = cli(capsys, ["render-diff", render, render, "--out", str(target)])
+        assert (code, err) == (0, "")
+        assert target.read_text() == out and out.startswith("# Render diff: `")
+        assert outside(snapshot(work), "diff.md") == before
