@@ -347,6 +347,10 @@ INDEXES: dict[str, tuple[Callable[[dict[str, Any]], Any], str]] = {
         lambda i: _move(i, V1, "1\n"),
         f"models['mlp'].versions['1\\n']: '1\\n' is not a version (an integer such as 1); {RESTORE}",
     ),
+    "no-versions": (
+        lambda i: _set(i, ["models", "mlp"], {"aliases": {}, "versions": {}}),
+        f"models['mlp'].versions: empty; a model holds at least one version; {RESTORE}",
+    ),
     "entry-string": (lambda i: _set(i, V1, "1"), f"{AT}: expected a mapping, got str; {RESTORE}"),
     "model-list": (
         lambda i: _set(i, ["models", "mlp"], []),

@@ -126,6 +126,8 @@ def index_problems(index: object) -> list[str]:
         if not isinstance(versions, dict) or not isinstance(aliases, dict):
             out.append(f"{at}: aliases and versions must be mappings; {fix}")
             continue
+        if not versions:  # every writer adds a version with its model; "@latest" of none has no answer
+            out.append(f"{at}.versions: empty; a model holds at least one version; {fix}")
         for v, entry in versions.items():
             if not names.matches(names.VERSION, v):
                 out.append(f"{at}.versions{_key(v)}: {v!r} is not a version (an integer such as 1); {fix}")
