@@ -326,6 +326,7 @@ INDEXES: dict[str, tuple[Callable[[dict[str, Any]], Any], str]] = {
     "models-list": (lambda i: {"format": 1, "models": []}, f"models: list, not a mapping; {RESTORE}"),
     "unknown-format": (lambda i: {**i, "format": 2}, "format: 2 is not a known index format (expected 1)"),
     "format-string": (lambda i: {**i, "format": "1"}, "format: '1' is not a known index format (expected 1)"),
+    "format-true": (lambda i: {**i, "format": True}, "format: True is not a known index format (expected 1)"),
     "unknown-top-key": (lambda i: {**i, "extra": {}}, "'extra': unknown key; an index holds only format and models"),
     "name-dotdot": (
         lambda i: _move(i, ["models", "mlp"], "../x"),
@@ -581,3 +582,28 @@ def test_datasets_verify_never_reads_a_symlink_out_of_the_repo_or_a_fifo(
         f"PROBLEM {manifest}: datasets[1].path 'pipe.csv' is a FIFO; {ONLY_REGULAR}",
     ]
     assert snapshot(world.tmp) == before
+
+
+@pytest.mark.parametrize("kind", ["symlink-out", "fifo", "dev-null"])
+def test_datasets_add_refuses_what_is_not_a_file_of_the_repo(
+    world: World, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    from tests.conftest import git
+
+    repo = world.work / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    data = repo / "data.csv"
+    if kind == "symlink-out":
+        data.symlink_to(world.outside / "secret")
+        message = f"{data} is a symlink; add the file it points to, inside the repo"
+    elif kind == "fifo":
+        os.mkfifo(data)
+        message = f"{data} is not a file; give the path of a dataset file inside the repo"
+    else:
+        data.symlink_to("/dev/null")
+        message = f"{data} is not a file; give the path of a dataset file inside the repo"
+    before = snapshot(world.tmp)
+    rc, out, err = run(capsys, "datasets", "add", str(data), "--manifest", str(repo / "datasets.yaml"))
+    assert (rc, out, err) == (2, "", f"dlstack datasets: error: {message}\n")
+    assert snapshot(world.tmp) == before  # no .gitattributes, no manifest

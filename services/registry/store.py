@@ -106,7 +106,7 @@ def index_problems(index: object) -> list[str]:
     if not isinstance(index, dict):
         return [f"<root>: expected a mapping, got {type(index).__name__}; not a dlstack registry index"]
     out: list[str] = []
-    if index.get("format") != INDEX_FORMAT:
+    if type(index.get("format")) is not int or index["format"] != INDEX_FORMAT:  # true and 1.0 equal 1 in Python
         out.append(f"format: {index.get('format')!r} is not a known index format (expected {INDEX_FORMAT})")
     for k in sorted(set(index) - {"format", "models"}, key=str):
         out.append(f"{k!r}: unknown key; an index holds only format and models")
