@@ -8,7 +8,8 @@ an empty directory, or a previous output of the same command, recognised by its 
 Anything else (the current directory, a checkout, a home directory, a directory holding one file of
 the user's, a symbolic link, a file) is refused in one line before any work is done.
 
-``dlstack capacity --plot`` writes one file by the same rule: a new path, or a previous plot of its own.
+``dlstack capacity --plot`` and ``dlstack render-diff --out`` write one file by the same rule: a new
+path, or a previous file of their own (recognised by its content), replaced atomically.
 
 A run killed half-way leaves ``.NAME.dlstack-*-PID-*`` beside the target; the next run removes those
 whose process is gone (the name is ours, the pid says nobody is still writing it).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import secrets
 import shutil
@@ -51,16 +53,12 @@ class Claim:
 
     def holds_dir(self, rel: str) -> bool:
         """A directory is ours when it is claimed or leads to something claimed."""
-        return self.covers(rel) or rel + "/" in self._ancestors()
+        return self.covers(rel) or rel in self._ancestors
 
+    @functools.cached_property
     def _ancestors(self) -> frozenset[str]:
-        # Cached on the instance (frozen dataclass): a render claims thousands of files.
-        cached: frozenset[str] | None = self.__dict__.get("_anc")
-        if cached is None:
-            anc = {"/".join(p.split("/")[:i]) for p in self.paths for i in range(1, p.count("/") + 1)}
-            cached = frozenset(a + "/" for a in anc)
-            object.__setattr__(self, "_anc", cached)
-        return cached
+        # Computed once per claim: a render claims thousands of files in a few dozen directories.
+        return frozenset("/".join(p.split("/")[:i]) for p in self.paths for i in range(1, p.count("/") + 1))
 
 
 # A recogniser reads a directory's index file: its Claim, or None when the directory is no output of
@@ -173,27 +171,35 @@ def _alive(pid: int) -> bool:
 
 
 def _sweep(parent: Path, name: str) -> None:
-    """Remove ``.NAME.dlstack-{partial,old}-PID-RAND`` directories left by runs that were killed."""
+    """Remove ``.NAME.dlstack-{partial,old}-PID-RAND`` directories (and partial files) of killed runs."""
     prefix = f".{name}.{_TAG}-"
     try:
         entries = list(os.scandir(parent))
     except OSError:
         return
     for e in entries:
-        if not e.name.startswith(prefix) or not e.is_dir(follow_symlinks=False):
+        if not e.name.startswith(prefix) or e.is_symlink():
             continue
         kind, _, rest = e.name[len(prefix) :].partition("-")
         pid = rest.partition("-")[0]
-        if kind in ("partial", "old") and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            _rmtree(Path(e.path))
+        if kind not in ("partial", "old") or not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):  # best effort: a leftover we cannot remove harms no one
+            if e.is_dir(follow_symlinks=False):
+                _rmtree(Path(e.path))
+            elif e.is_file(follow_symlinks=False):
+                os.unlink(e.path)
 
 
 def _rmtree(d: Path) -> None:
     def writable(func: Callable[..., object], path: str, _exc: object) -> None:  # onerror (3.11 has no onexc)
-        # Files an export or a checkout made read-only: make the parent writable and retry once.
-        with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(path), 0o700)
-            func(path)
+        # Read-only folders inside our own tree (an export's): make them writable and retry once.
+        # Never the folder holding ``d``: that one is the user's.
+        parent = os.path.dirname(path)
+        if parent == str(d) or parent.startswith(str(d) + os.sep):
+            with contextlib.suppress(OSError):
+                os.chmod(parent, 0o700)
+                func(path)
 
     shutil.rmtree(d, onerror=writable)
 
@@ -294,6 +300,7 @@ def replace_file(target: Path | str, data: bytes, *, label: str, what: str, reco
     shown = _show(label, target)
     try:
         t.parent.mkdir(parents=True, exist_ok=True)
+        _sweep(t.parent, t.name)
         fd, name = tempfile.mkstemp(dir=t.parent, prefix=f".{t.name}.{_TAG}-partial-{os.getpid()}-")
     except OSError as exc:
         raise OutputError(f"cannot write {shown}: {exc.strerror} in {t.parent}; {_WRITABLE}") from None

@@ -522,10 +522,15 @@ def test_capacity_plot_replaces_only_its_own_plot_atomically(work: Path, capsys:
     code, _, err = cli(capsys, _capacity(str(target)))
     assert code == 2 and "--plot" not in err and "no-such-artifact" in err
     target.chmod(0o600)
+    killed = work / f".plot.png.dlstack-partial-{dead_pid()}-x1"  # a killed run's temp file: removed
+    killed.write_bytes(first[:100])
+    live = work / ".plot.png.dlstack-partial-1-x2"  # a live run's: kept
+    live.write_bytes(first[:100])
     before = outside(snapshot(work), "plot.png")
     plot(m, target)
     assert target.read_bytes() == first and is_plot(target)
-    assert outside(snapshot(work), "plot.png") == before  # no temp file left
+    del before[killed.name]
+    assert outside(snapshot(work), "plot.png") == before  # no temp file left, the live run's kept
     (work / "mine.png").write_bytes(first[:8] + b"\0\0\0\0IEND" + b"\0" * 4)
     with pytest.raises(OutputError, match=r"^--plot .*/mine.png exists and is not a previous capacity plot;"):
         plot(m, work / "mine.png")
