@@ -607,3 +607,46 @@ def test_datasets_add_refuses_what_is_not_a_file_of_the_repo(
     rc, out, err = run(capsys, "datasets", "add", str(data), "--manifest", str(repo / "datasets.yaml"))
     assert (rc, out, err) == (2, "", f"dlstack datasets: error: {message}\n")
     assert snapshot(world.tmp) == before  # no .gitattributes, no manifest
+
+
+def test_a_checkout_tampered_with_a_symlink_is_found_by_verify_and_refused_by_serve(
+    world: World, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _registered(world)
+    checkout = world.reg / "models" / "mlp" / "1"
+    (checkout / "model.pt").unlink()
+    (checkout / "model.pt").symlink_to(world.outside / "secret")
+    message = f"{checkout}/model.yaml: files[0].path 'model.pt' {THROUGH_LINK}"
+    monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("gunicorn was started"))
+    before = snapshot(world.tmp)
+    rc, out, err = run(capsys, "models", "verify")
+    assert (rc, out) == (1, "")
+    assert err == f"CORRUPT mlp:1: {message}\n1 problem(s) in {world.reg}; restore the named files or re-register\n"
+    rc, out, err = run(capsys, "serve", str(checkout), "--host", "127.0.0.1", "--port", "0")
+    assert (rc, out, err) == (2, "", f"dlstack serve: error: {message}\n")
+    assert snapshot(world.tmp) == before
+
+
+# ---- infra: the same full-match names -------------------------------------------------------------------
+
+
+def test_infra_components_refuse_names_versions_and_digests_with_a_trailing_newline() -> None:
+    """Their last line of defence ("$" let these through); users meet the stack config's one-line check first."""
+    from infra.model_image import ModelImageArgs
+    from infra.model_service import ModelServiceArgs
+    from infra.monitoring import MonitoringArgs
+    from services.errors import UserError
+
+    with pytest.raises(UserError) as err:
+        ModelServiceArgs(image="r/m:1", model_version="1\n", namespace="models\n").validate("mlp\n")
+    assert str(err.value).startswith('ModelService mlp\n: name "mlp\n" is not a DNS-1123 label')
+    assert 'model_version "1\n" is not a valid label value' in str(err.value)
+    assert 'namespace "models\n" is not a DNS-1123 label' in str(err.value)
+    with pytest.raises(UserError, match='namespace "monitoring\n" is not a DNS-1123 label'):
+        MonitoringArgs(namespace="monitoring\n").validate("m")
+    digest = "sha256:" + "c" * 64 + "\n"
+    args = ModelImageArgs("mlp\n", "1", "pytorch", SHA, "ghcr.io/acme/dlstack", image_digest=digest)
+    with pytest.raises(UserError) as err:
+        args.validate("x")
+    assert f'image_digest "{digest}" is not "sha256:" + 64 hex digits' in str(err.value)
+    assert 'model_name "mlp\n" is not a valid image repository name' in str(err.value)
