@@ -650,3 +650,31 @@ def test_infra_components_refuse_names_versions_and_digests_with_a_trailing_newl
         args.validate("x")
     assert f'image_digest "{digest}" is not "sha256:" + 64 hex digits' in str(err.value)
     assert 'model_name "mlp\n" is not a valid image repository name' in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["file", "dir-without-model-yaml"])
+def test_something_in_the_way_of_a_checkout_is_one_line(
+    world: World, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    import shutil
+
+    _registered(world)
+    checkout = world.reg / "models" / "mlp" / "1"
+    for p in [checkout, *checkout.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    shutil.rmtree(checkout)
+    if kind == "file":
+        checkout.write_bytes(SECRET)
+        why = "Not a directory"
+    else:
+        checkout.mkdir()
+        (checkout / "notes.txt").write_bytes(SECRET)
+        why = "Directory not empty"
+    before = snapshot(world.tmp)
+    rc, out, err = run(capsys, "models", "show", "mlp:1")
+    assert (rc, out) == (2, "")
+    assert err == (
+        f"dlstack models: error: {checkout}: cannot put the checkout of mlp:1 there ({why}); "
+        "move that path away and retry\n"
+    )
+    assert snapshot(world.tmp) == before  # the temp checkout beside it was removed

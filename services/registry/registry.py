@@ -129,9 +129,13 @@ class _Blobs:
                     p.chmod(0o444)
             try:
                 tmp.rename(checkout)
-            except OSError:
-                if not (checkout / MODEL_YAML).is_file():  # lost a race to a concurrent reader: fine
-                    raise
+            except OSError as exc:
+                if not (checkout / MODEL_YAML).is_file():  # else: lost a race to a concurrent reader, fine
+                    # Something else sits where the checkout goes (a file, a directory without model.yaml).
+                    raise RegistryError(
+                        f"{checkout}: cannot put the checkout of {spec.name}:{spec.version} there ({exc.strerror}); "
+                        "move that path away and retry"
+                    ) from None
         finally:
             if tmp.exists():
                 _make_writable(tmp)
