@@ -166,12 +166,13 @@ def read_outputs(stack: str, stack_dir: Path, outputs: Path | None) -> dict[str,
     """Stack outputs as JSON: ``--outputs FILE``, else ``pulumi stack output --json``, else None."""
     fix = f"write it with `pulumi stack output --json -s {stack}`"
     if outputs is not None:
+        size = outputs.stat().st_size if outputs.is_file() else 0
+        if size > MAX_OUTPUTS_BYTES:
+            raise PromotionError(
+                f"--outputs {outputs}: {size} bytes, more than the {MAX_OUTPUTS_BYTES // 2**20} MiB stack outputs "
+                f"can be; {fix}"
+            )
         try:
-            if outputs.stat().st_size > MAX_OUTPUTS_BYTES:
-                raise PromotionError(
-                    f"--outputs {outputs}: {outputs.stat().st_size} bytes, more than the "
-                    f"{MAX_OUTPUTS_BYTES // 2**20} MiB stack outputs can be; {fix}"
-                )
             data = json.loads(outputs.read_bytes().decode("utf-8"))
         except (OSError, ValueError, RecursionError) as exc:
             why = exc.strerror if isinstance(exc, OSError) else str(exc) or type(exc).__name__

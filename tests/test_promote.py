@@ -83,13 +83,17 @@ def artifact(d: Path, name: str, payload: bytes) -> Path:
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, Path]:
     """A git repo with Pulumi.dev.yaml / Pulumi.prod.yaml and a registry holding mnist-mlp 1..3, other 1."""
+    return make_env(tmp_path)
+
+
+def make_env(tmp_path: Path, prod: str | bytes = PROD) -> dict[str, Path]:
     repo = tmp_path / "repo"
     repo.mkdir()
     git(repo, "init", "-q", "-b", "main")
     git(repo, "config", "user.name", "Rita Reviewer")
     git(repo, "config", "user.email", "rita@example.com")
     (repo / "Pulumi.dev.yaml").write_text(DEV)
-    (repo / "Pulumi.prod.yaml").write_text(PROD)
+    (repo / "Pulumi.prod.yaml").write_bytes(prod.encode() if isinstance(prod, str) else prod)
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "stacks")
     reg = Registry(tmp_path / "registry")
@@ -321,7 +325,12 @@ def test_promote_on_the_projects_own_stack_files(
 
     # Their image registries differ, so promotion copies the image; the real copy is tests/test_promote_images.py.
     copies: list[ImageCopy] = []
-    monkeypatch.setattr("stacks.promote.copy_image", lambda copy, insecure: copies.append(copy) or [copy.digest])
+
+    def fake_copy(copy: ImageCopy, insecure: object) -> list[str]:
+        copies.append(copy)
+        return [copy.digest]
+
+    monkeypatch.setattr("stacks.promote.copy_image", fake_copy)
 
     repo = tmp_path / "repo"
     repo.mkdir()
