@@ -171,10 +171,15 @@ def _alive(pid: int) -> bool:
 
 
 def _sweep(parent: Path, name: str) -> None:
-    """Remove ``.NAME.dlstack-{partial,old}-PID-RAND`` directories (and partial files) of killed runs."""
+    """Remove ``.NAME.dlstack-{partial,old}-PID-RAND`` directories (and partial files) of killed runs.
+
+    A run killed between moving the previous output aside and moving the new one in left NAME absent
+    and the previous output under ``old``: that one is put back first, so a failure of this run
+    still leaves the user their previous output.
+    """
     prefix = f".{name}.{_TAG}-"
     try:
-        entries = list(os.scandir(parent))
+        entries = sorted(os.scandir(parent), key=lambda e: e.name)
     except OSError:
         return
     for e in entries:
@@ -185,7 +190,9 @@ def _sweep(parent: Path, name: str) -> None:
         if kind not in ("partial", "old") or not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
             continue
         with contextlib.suppress(OSError):  # best effort: a leftover we cannot remove harms no one
-            if e.is_dir(follow_symlinks=False):
+            if kind == "old" and e.is_dir(follow_symlinks=False) and not os.path.lexists(parent / name):
+                os.rename(e.path, parent / name)
+            elif e.is_dir(follow_symlinks=False):
                 _rmtree(Path(e.path))
             elif e.is_file(follow_symlinks=False):
                 os.unlink(e.path)

@@ -570,3 +570,35 @@ def test_render_diff_out_replaces_a_previous_diff(
         assert (code, err) == (0, "")
         assert target.read_text() == out and out.startswith("# Render diff: `")
         assert outside(snapshot(work), "diff.md") == before
+
+
+@pytest.mark.parametrize("command", DIR_COMMANDS)
+def test_a_run_killed_mid_swap_leaves_the_previous_output_to_the_next(
+    command: str, shared: dict[str, Any], work: Path, capsys: pytest.CaptureFixture[str], monkeypatch: Any
+) -> None:
+    """Killed after moving the previous output aside, before moving the new one in: the next run puts it back."""
+    cmd = commands(shared)[command]
+    target = work / "out"
+    aside = work / f".out.dlstack-old-{dead_pid()}-0bad"
+    shutil.copytree(cmd.previous, aside)
+    partial = work / f".out.dlstack-partial-{dead_pid()}-0bad"
+    partial.mkdir()
+    expected = {("out" + k[len(aside.name) :] if k.startswith(aside.name) else k): v for k, v in snapshot(work).items()}
+    del expected[partial.name]
+
+    def full(*_a: object, **_k: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    where = {
+        "render": "stacks.render._write_tree",
+        "package": "services.packaging.write_spec",
+        "export": "services.registry.registry.write_spec",
+    }
+    with monkeypatch.context() as m:  # this run fails too: the previous output is back, the leftovers gone
+        m.setattr(where[command], full)
+        code, _, err = cli(capsys, cmd.argv(str(target)))
+        assert code == 2 and err.endswith("No space left on device; it was left as it was\n")
+    assert snapshot(work) == expected
+    code, _, err = cli(capsys, cmd.argv(str(target)))  # and the next one replaces it
+    assert (code, err) == (0, "")
+    assert sorted(p.name for p in work.iterdir()) == ["elsewhere", "notes.txt", "out"]
