@@ -678,3 +678,31 @@ def test_something_in_the_way_of_a_checkout_is_one_line(
         "move that path away and retry\n"
     )
     assert snapshot(world.tmp) == before  # the temp checkout beside it was removed
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link-out", "directory"])
+def test_an_index_that_is_not_a_regular_file_is_reported(
+    world: World, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    _registered(world)
+    world.index.unlink()
+    if kind == "fifo":
+        os.mkfifo(world.index)
+        problem = f"'index.json' is a FIFO; {ONLY_REGULAR}"
+    elif kind == "link-out":
+        world.index.symlink_to(world.outside / "secret")
+        problem = (
+            f"'index.json' leaves the registry directory through a symlink; {FIX} (copy the file in, don't link it)"
+        )
+    else:
+        world.index.mkdir()
+        problem = "'index.json' is a directory; give a regular file"
+    before = snapshot(world.tmp)
+    rc, out, err = run(capsys, "models", "verify")
+    assert (rc, out) == (1, "")
+    assert (
+        err == f"CORRUPT {world.reg}: {problem}\n1 problem(s) in {world.reg}; restore the named files or re-register\n"
+    )
+    rc, out, err = run(capsys, "models", "show", "mlp:1")
+    assert (rc, out, err) == (2, "", f"dlstack models: error: {world.reg}: {problem}\n")
+    assert snapshot(world.tmp) == before

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from services import names
 from services.artifact import ModelSpec, file_sha256, format_validation_error
 from services.errors import UserError
-from services.paths import relative_problem
+from services.paths import inside, relative_problem
 
 INDEX_FORMAT = 1
 # Test hook: seconds to sleep once the new index is ready (written and fsynced locally, serialized
@@ -314,6 +314,12 @@ class LocalStore:
         return file_sha256(self._blob_path(sha256))
 
     def read_index(self) -> dict[str, Any]:
+        try:  # a FIFO would block the read forever, a link could read any file: neither is an index
+            inside(
+                self.root, self.index_path.name, f"{self.root}:", "the registry directory", RegistryError, dirs=False
+            )
+        except RegistryError as exc:
+            raise BadIndex([exc.message]) from None
         try:
             data = self.index_path.read_bytes()
         except FileNotFoundError:
