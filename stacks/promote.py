@@ -368,6 +368,8 @@ class History:
         self.path = path
         self.doc: Doc | None = None
         self.new: list[dict[str, Any]] = []
+        if path.exists() and not path.is_file():  # checked now: a failed rename after the commit point would strand
+            raise PromotionError(f"{path}: not a regular file; pass the promotion history file as --history")
         data = path.read_bytes() if path.exists() else b""
         if data.strip():
             self.doc = Doc(data, str(path))

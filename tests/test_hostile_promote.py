@@ -183,6 +183,11 @@ CASES: dict[str, tuple[Callable[[Env], None], str, str]] = {
         "{repo}/stacks/promotions.yaml: its aliases expand to more than 100000 nodes (an alias bomb?); "
         "write the values out",
     ),
+    "history-is-a-directory": (
+        lambda env: (env["repo"] / "stacks" / "promotions.yaml").mkdir(parents=True),
+        "promote",
+        "{repo}/stacks/promotions.yaml: not a regular file; pass the promotion history file as --history",
+    ),
     "outputs-not-json": (
         outputs("{not json"),
         "promote",
@@ -469,3 +474,17 @@ def test_capacity_write_config_keeps_the_byte_form(tmp_path: Path, eol: str) -> 
     expected = expected.replace(digest_line, digest_line + b"    resources: {cpu: '1', memory: 320Mi}" + nl)
     assert stack.read_bytes() == expected
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Pulumi.prod.yaml"]  # no temp file, no journal
+
+
+def test_an_anchor_outside_the_pins_does_not_stop_a_promotion(tmp_path: Path) -> None:
+    # Both entries share one SLO through an anchor; promotion edits pins only, so it goes ahead.
+    slo = "slo: {error_ratio: 0.001, p99_ms: 100}"
+    prod = PROD.replace(f"{slo}  # 99.9 %", "slo: &slo {error_ratio: 0.001, p99_ms: 100}  # 99.9 %").replace(
+        f"      {slo}\n", "      slo: *slo\n"
+    )
+    assert "&slo" in prod and "*slo" in prod
+    env = make_env(tmp_path, prod)
+    res = run(env)
+    assert res.returncode == 0, res.stderr
+    after = (env["repo"] / "Pulumi.prod.yaml").read_text()
+    assert after == prod.replace("model: mnist-mlp:1 ", "model: mnist-mlp:2 ").replace("1" * 64, "2" * 64)
