@@ -23,9 +23,6 @@ from services.paths import check_relative, inside, tree_files
 
 MODEL_YAML = "model.yaml"
 ARTIFACT_ROOT = "the artifact directory"  # how messages name the root every files[].path must stay in
-# Kept for services/packaging.py's `_NAME_RE.match`: "\Z" (not "$") so even .match is a full match.
-# New code uses names.matches(names.DNS_LABEL, ...).
-_NAME_RE = re.compile(names.DNS_LABEL.pattern + r"\Z")
 _LABEL_VALUE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?")  # Kubernetes label value, used with fullmatch
 
 

@@ -333,6 +333,24 @@ def replace_file(target: Path | str, data: bytes, *, label: str, what: str, reco
     return t
 
 
+def json_with_keys(*keys: str, limit: int = 16 << 20) -> Callable[[Path], bool]:
+    """A previous JSON document of ours: an object holding every one of ``keys`` (a file over ``limit``
+    bytes, or anything else, is not ours)."""
+
+    def recognise(path: Path) -> bool:
+        import json
+
+        try:
+            if path.stat().st_size > limit:
+                return False
+            doc = json.loads(path.read_bytes())
+        except (OSError, ValueError, RecursionError):
+            return False
+        return isinstance(doc, dict) and all(k in doc for k in keys)
+
+    return recognise
+
+
 # -------------------------------------------------------------------------------------------------
 # recognisers shared by package and export
 

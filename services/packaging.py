@@ -15,9 +15,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from services import outdir
+from services import names, outdir
 from services.artifact import (
-    _NAME_RE,
     MODEL_YAML,
     ArtifactError,
     Datatype,
@@ -421,7 +420,7 @@ def package_model(
         raise UserError(
             f"framework {framework!r} is unknown; use one of {', '.join(f.value for f in Framework)}"
         ) from None
-    if not _NAME_RE.match(name):
+    if not names.is_dns_label(name):
         raise UserError(f"--name {name!r} is not a DNS-1123 label (lowercase letters, digits and '-', max 63)")
     src, dest = Path(model_path), Path(out)
     serving = serving or Serving()

@@ -668,6 +668,14 @@ def is_plot(path: Path) -> bool:
         return False
 
 
+# A previous --report of ours holds both keys; any other file there is the user's.
+_REPORT: dict[str, Any] = {
+    "label": "--report",
+    "what": "capacity report",
+    "recognise": outdir.json_with_keys("measurement", "recommendation"),
+}
+
+
 def check_plot(path: Path) -> Path:
     """Refuse a --plot path that exists and is not a previous plot (before measuring: minutes of load)."""
     return outdir.check_file(path, label="--plot", what="capacity plot", recognise=is_plot)
@@ -853,6 +861,8 @@ def handler(args: argparse.Namespace) -> int:
     check_flags(p99_ms=args.p99_ms, cpu=args.cpu, duration_s=args.duration_s, target_rps=args.target_rps)
     if args.plot:
         check_plot(args.plot)
+    if args.report:
+        outdir.check_file(args.report, **_REPORT)
     artifact = resolve_artifact(args.artifact, args.registry)
     spec = load_spec(artifact)
     entry = args.model or spec.name
@@ -901,7 +911,7 @@ def handler(args: argparse.Namespace) -> int:
         )
     print(f"  resources: cpu {rec.cpu}, memory {rec.memory} (peak PSS {m.peak_pss_bytes / MI:.0f} Mi + 25%)")
     if args.report:
-        args.report.write_text(json.dumps(report(m, rec), indent=2) + "\n")
+        outdir.replace_file(args.report, (json.dumps(report(m, rec), indent=2) + "\n").encode(), **_REPORT)
     if args.write_config:
         path = write_config(args.write_config, entry, rec, args.config_file)
         print(f"wrote {path}: model {entry} ({spec.name}:{spec.version}): replicas and resources")

@@ -85,17 +85,21 @@ def register(sub: Any) -> None:
 
 
 def _outputs_cmd(args: argparse.Namespace) -> int:
-    from services.atomic import atomic_write
+    from services import outdir
     from services.registry import Registry
 
     if args.config_file is not None and not args.config_file.is_file():
         raise UserError(f"--config-file {args.config_file}: no such file; pass an existing Pulumi.<stack>.yaml")
     # No --registry: evaluate() takes $DLSTACK_REGISTRY, else the stack file's dlstack:registry.
     registry = Registry(args.registry) if args.registry else None
+    # Outputs have at least "models"; any other file at --out is the user's and is never replaced.
+    ours: dict[str, Any] = {"label": "--out", "what": "outputs file", "recognise": outdir.json_with_keys("models")}
+    if args.out is not None:
+        outdir.check_file(args.out, **ours)  # before the evaluation
     outputs, undigested = stack_outputs(args.stack, args.config_file, registry)
     text = to_json(outputs)
     if args.out is not None:
-        atomic_write(args.out, text)
+        outdir.replace_file(args.out, text.encode(), **ours)
         print(f"wrote {args.out}: the outputs of {args.stack}, evaluated offline")
     else:
         sys.stdout.write(text)

@@ -550,9 +550,20 @@ def register(sub: Any) -> None:
     d.set_defaults(func=_diff_cmd)
 
 
+def finish_interrupted_promotion(stack_dir: Path) -> None:
+    """A promotion killed after its commit point left a journal: finish it before reading the stack file,
+    so a render never shows a stack file without its history record (see stacks/yamledit.py)."""
+    from stacks.yamledit import JOURNAL, locked, recover
+
+    if (stack_dir / JOURNAL).exists():
+        with locked([stack_dir, stack_dir / "stacks"]):
+            recover(stack_dir, [stack_dir / "stacks"])
+
+
 def _render_cmd(args: argparse.Namespace) -> int:
     if args.config_file is not None and not args.config_file.is_file():
         raise UserError(f"--config-file {args.config_file}: no such file")
+    finish_interrupted_promotion(args.config_file.parent if args.config_file else ROOT)
     res = render(args.stack, args.out, args.config_file, registry=args.registry)
     print(f"rendered {args.stack}: {res.resources} resources, {res.files} files in {res.out}")
     return 0

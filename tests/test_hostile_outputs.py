@@ -602,3 +602,27 @@ def test_a_run_killed_mid_swap_leaves_the_previous_output_to_the_next(
     code, _, err = cli(capsys, cmd.argv(str(target)))  # and the next one replaces it
     assert (code, err) == (0, "")
     assert sorted(p.name for p in work.iterdir()) == ["elsewhere", "notes.txt", "out"]
+
+
+def test_capacity_report_refuses_a_file_it_did_not_write(
+    work: Path, capsys: pytest.CaptureFixture[str], monkeypatch: Any
+) -> None:
+    """--report is checked before any load test, like --plot; only a previous report is replaced."""
+    from services.outdir import json_with_keys, replace_file
+
+    monkeypatch.chdir(work)
+    argv = ["capacity", "no-such-artifact", "--target-rps", "10", "--p99-ms", "100", "--report"]
+    (work / "results.json").write_text('{"mine": 1}\n')
+    before = snapshot(work)
+    code, out, err = cli(capsys, [*argv, "results.json"])
+    assert (code, out) == (2, "")
+    assert err == (
+        "dlstack capacity: error: --report results.json exists and is not a previous capacity report; "
+        "choose a new file name\n"
+    )
+    assert snapshot(work) == before
+    ours = json_with_keys("measurement", "recommendation")
+    previous = work / "report.json"
+    replace_file(previous, b'{"measurement": {}, "recommendation": {}}\n', label="--report", what="r", recognise=ours)
+    code, _, err = cli(capsys, [*argv, str(previous)])
+    assert code == 2 and "--report" not in err and "no-such-artifact" in err, "a previous report passes the check"

@@ -405,6 +405,19 @@ def test_sigkill_at_each_step_leaves_both_old_or_both_new(env: Env, step: str) -
         assert (env["repo"] / "Pulumi.prod.yaml").read_text() == PROD
 
 
+def test_render_finishes_a_promotion_killed_after_its_commit_point(env: Env) -> None:
+    kill_at(env, "replaced Pulumi.prod.yaml")  # prod is new, its history record not yet in place
+    repo = env["repo"]
+    res = subprocess.run(
+        [PY, "-m", "stacks.cli", "render", "--stack", "prod", "--config-file", str(repo / "Pulumi.prod.yaml"),
+         "--registry", str(env["registry"]), "--out", str(repo.parent / "render")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert "Traceback" not in res.stdout + res.stderr
+    assert state(env) == "new", "render completed the promotion before reading prod"
+    assert leftovers(repo.parent) == []
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_sigkill_at_a_random_moment(env: Env, seed: int) -> None:
     tmp = env["repo"].parent

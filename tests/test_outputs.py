@@ -143,3 +143,28 @@ def test_outputs_errors_are_one_line_with_the_fix(tmp_path: Path, capsys: pytest
     err = capsys.readouterr().err
     assert err.startswith("dlstack outputs: error: model references could not be resolved")
     assert "`dlstack models register`" in err
+
+
+def test_outputs_out_replaces_only_a_previous_outputs_file(
+    repo: Path, registry: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--out writes a new file or over a previous outputs file; a user's file there is never replaced."""
+    config = repo / "Pulumi.dev.yaml"
+    argv = ["outputs", "--stack", "dev", "--config-file", str(config), "--registry", str(registry), "--out"]
+    target = repo / "dev-outputs.json"
+    assert main([*argv, str(target)]) == 0
+    first = json.loads(target.read_text())
+    assert first["models"]["mnist-mlp"]["version"] == "2"
+    assert main([*argv, str(target)]) == 0, "a previous outputs file is replaced"
+    assert json.loads(target.read_text()) == first
+    capsys.readouterr()
+    for name, content in (("notes.json", '{"mine": true}\n'), ("notes.txt", "keep me\n")):
+        user = repo / name
+        user.write_text(content)
+        assert main([*argv, str(user)]) == 2
+        err = capsys.readouterr().err
+        assert err == (
+            f"dlstack outputs: error: --out {user} exists and is not a previous outputs file; choose a new file name\n"
+        )
+        assert user.read_text() == content
+    assert sorted(p.name for p in repo.iterdir() if p.name.startswith(".")) == [".git"], "no temp file left"
