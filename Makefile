@@ -37,7 +37,7 @@ $(EXAMPLE)/model.yaml: $(BIN)/.installed
 
 example: $(EXAMPLE)/model.yaml .example/tiny-cnn/model.yaml
 
-serve: sysdeps $(EXAMPLE)/model.yaml
+serve: sysdeps example
 	@echo "==> serving mnist-mlp on 0.0.0.0:$(PORT) (Ctrl-C stops; PORT=N make serve for another port)"
 	$(BIN)/dlstack serve $(EXAMPLE) --port $(PORT)
 
