@@ -25,8 +25,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from services import names
-from services.errors import UserError
+from services.serving import names
+from services.serving.errors import UserError
 
 INFER_ROUTES = "infer|v1_predict"
 ERROR_CODES = "5.."

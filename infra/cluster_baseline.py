@@ -19,7 +19,7 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from infra.helm import helm_release
-from services.errors import UserError
+from services.serving.errors import UserError
 
 # Well-known pod labels of the charts/operators the stack installs (set by those charts, not by us).
 INGRESS_CONTROLLER = {"app.kubernetes.io/name": "ingress-nginx", "app.kubernetes.io/component": "controller"}

@@ -26,8 +26,8 @@ from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models.dashboard import DataSourceRef, Threshold, ThresholdsMode
 
 from infra.alerts import CANARY_SUFFIX, ERROR_RATIO, INFER_ROUTES, LATENCY_P50, LATENCY_P99, REQUESTS_RATE
-from services import names
-from services.errors import UserError
+from services.serving import names
+from services.serving.errors import UserError
 
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 # Grafana's built-in interval variables, and what a checker substitutes for them.

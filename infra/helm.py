@@ -16,7 +16,7 @@ from typing import Any
 import pulumi
 import pulumi_kubernetes as k8s
 
-from services.errors import UserError
+from services.serving.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ import pulumi_kubernetes as k8s
 
 from infra import kibana, logstash
 from infra.helm import helm_release
-from services import names
-from services.errors import UserError
+from services.serving import names
+from services.serving.errors import UserError
 
 _QUANTITY = re.compile(r"^(\d+(\.\d+)?|\.\d+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 _VERSION = re.compile(r"^[0-9]+\.[0-9]+\.[0-9]+$")

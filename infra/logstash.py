@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from services.errors import UserError
+from services.serving.errors import UserError
 
 SERVICE_NAME = "dlstack-model-server"
 ACCESS_DATASET = "dlstack.access"

@@ -1,9 +1,10 @@
 """``ModelImage``: the serving image of one model version, content-addressed and digest-pinned.
 
-The image is ``services/Dockerfile`` built over a self-contained context directory::
+The image is ``services/serving/Dockerfile`` built over a self-contained context directory::
 
     <build_root>/<model>-<tag>/
-        services/        the server code and the Dockerfile (what goes in the image, nothing else)
+        services/serving/  the serving code, its requirements and the Dockerfile (what goes in the image,
+                           nothing else: a change to the tooling beside it leaves every tag unchanged)
         model/           the artifact exported from the registry (model.yaml + files), the last layer
 
 with build args ``FRAMEWORK`` (which runtime gets installed) and ``MODEL_DIR=model``. The tag is a
@@ -24,17 +25,17 @@ from pathlib import Path
 
 import pulumi
 
-from services import names
-from services.errors import UserError
+from services.serving import names
+from services.serving.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVICES = ROOT / "services"
+SERVICES = ROOT / "services" / "serving"  # the only code copied into the image and hashed into its tag
 _EXCLUDE_DIRS = {"__pycache__", ".pytest_cache", ".mypy_cache"}
 
 
 @functools.lru_cache(maxsize=4)
 def server_code_hash(services: Path = SERVICES) -> str:
-    """sha256 over the files copied into every image: ``services/**`` (code, Dockerfile, requirements)."""
+    """sha256 over the files copied into every image: ``services/serving/**`` (code, Dockerfile, requirements)."""
     h = hashlib.sha256()
     for f in _server_files(services):
         h.update(f.relative_to(services).as_posix().encode() + b"\0")
@@ -67,7 +68,7 @@ class ModelImageArgs:
     build_root: Path = ROOT / "build" / "images"  # default <repo>/build/images; build contexts go here
     export: Callable[[Path], Path] | None = None  # default none; writes the artifact into a dir (Registry export)
     image_digest: str | None = None  # default none = build; "sha256:..." = promoted image, never rebuilt
-    services_dir: Path = SERVICES  # default <repo>/services; server code + Dockerfile
+    services_dir: Path = SERVICES  # default <repo>/services/serving; serving code + Dockerfile
     platforms: tuple[str, ...] = ("linux/amd64",)  # default linux/amd64
 
     def validate(self, name: str) -> None:
@@ -114,7 +115,7 @@ class ModelImage(pulumi.ComponentResource):
     def prepare_context(self) -> Path:
         """Write the build context once per tag (content-addressed: an existing one is reused as is)."""
         ctx = self.context_dir
-        if (ctx / "model" / "model.yaml").is_file() and (ctx / "services" / "Dockerfile").is_file():
+        if (ctx / "model" / "model.yaml").is_file() and (ctx / "services" / "serving" / "Dockerfile").is_file():
             return ctx
         assert self.args.export is not None
         tmp = ctx.with_name(ctx.name + ".partial")
@@ -122,7 +123,7 @@ class ModelImage(pulumi.ComponentResource):
         tmp.mkdir(parents=True)
         services = self.args.services_dir
         for f in _server_files(services):
-            dest = tmp / "services" / f.relative_to(services)
+            dest = tmp / "services" / "serving" / f.relative_to(services)
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(f, dest)
         self.args.export(tmp / "model")
@@ -139,7 +140,9 @@ class ModelImage(pulumi.ComponentResource):
             docker_build.ImageArgs(
                 tags=[f"{self.repository}:{self.tag}"],
                 context=docker_build.BuildContextArgs(location=str(self.context_dir)),
-                dockerfile=docker_build.DockerfileArgs(location=str(self.context_dir / "services" / "Dockerfile")),
+                dockerfile=docker_build.DockerfileArgs(
+                    location=str(self.context_dir / "services" / "serving" / "Dockerfile")
+                ),
                 build_args={"FRAMEWORK": a.framework, "MODEL_DIR": "model"},
                 platforms=[docker_build.Platform(p) for p in a.platforms],
                 push=a.push,

@@ -26,8 +26,8 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from infra.cluster_baseline import INGRESS_CONTROLLER, PRIORITY_MODELS, PROMETHEUS
-from services import names
-from services.errors import UserError
+from services.serving import names
+from services.serving.errors import UserError
 
 _QUANTITY = re.compile(r"^(\d+(\.\d+)?|\.\d+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 _CPU = re.compile(r"^(\d+(\.\d+)?|\.\d+)(m?)$")
@@ -282,7 +282,7 @@ class ModelService(pulumi.ComponentResource):
     # the pods
 
     def _env(self) -> list[dict[str, Any]]:
-        """The DLSTACK_* variables services/server/gunicorn_conf.py and config.py read."""
+        """The DLSTACK_* variables services/serving/server/gunicorn_conf.py and config.py read."""
         a = self.args
         env = {
             "DLSTACK_BIND": f"0.0.0.0:{a.port}",

@@ -22,8 +22,8 @@ import pulumi_random as random
 from infra.alerts import ModelSLO, rule_groups
 from infra.dashboards import model_dashboard, overview_dashboard
 from infra.helm import helm_release, pinned
-from services import names
-from services.errors import UserError
+from services.serving import names
+from services.serving.errors import UserError
 
 _DURATION = re.compile(r"^[1-9][0-9]*(h|d|w|y)$")
 _QUANTITY = re.compile(r"^(\d+(\.\d+)?|\.\d+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services import names
-from services.atomic import atomic_write
-from services.errors import UserError
-from services.paths import inside, relative_problem
+from services.serving import names
+from services.serving.atomic import atomic_write
+from services.serving.errors import UserError
+from services.serving.paths import inside, relative_problem
 
 MANIFEST_ENV = "DLSTACK_DATASETS"
 DEFAULT_MANIFEST = Path("stacks") / "datasets.yaml"

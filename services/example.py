@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from services.artifact import ModelSpec, Serving
-from services.errors import DlstackError
+from services.serving.artifact import ModelSpec, Serving
+from services.serving.errors import DlstackError
 
 SEED = 20240601
 
@@ -105,8 +105,8 @@ def build(
     ``isolated`` saves in a fresh interpreter: TorchScript numbers its classes per process (``___torch_mangle_N``),
     so a process that scripted anything before would write other bytes. ``main`` is itself fresh and skips that.
     """
-    from services.artifact import TensorSpec
     from services.packaging import package_model
+    from services.serving.artifact import TensorSpec
 
     if model not in MODELS:
         raise DlstackError(f"unknown example model {model!r}; choose one of {sorted(MODELS)}")

@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.errors import UserError
-from services.paths import relative_problem
+from services.serving.errors import UserError
+from services.serving.paths import relative_problem
 
 DIR_MODE = 0o755  # mkdtemp makes 0700; served artifacts must be readable by the image's non-root user
 _WRITABLE = "choose a directory you can write to"
@@ -359,7 +359,7 @@ def artifact(name: str, *, label: str, force: bool = False, force_hint: bool = T
     """A previous artifact of model ``name`` (any name with ``force``): model.yaml plus the files it lists."""
 
     def recognise(d: Path) -> Claim | None:
-        from services.artifact import MODEL_YAML, read_spec
+        from services.serving.artifact import MODEL_YAML, read_spec
 
         try:
             if not stat.S_ISREG(os.lstat(d / MODEL_YAML).st_mode):

@@ -15,8 +15,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from services import names, outdir
-from services.artifact import (
+from services import outdir
+from services.serving import names
+from services.serving.artifact import (
     MODEL_YAML,
     ArtifactError,
     Datatype,
@@ -30,7 +31,7 @@ from services.artifact import (
     tree_sha256,
     write_spec,
 )
-from services.errors import UserError
+from services.serving.errors import UserError
 
 # file name inside the artifact, per framework and source suffix; one fixed name keeps image builds simple
 TORCHSCRIPT_FILE = "model.pt"
@@ -183,7 +184,7 @@ def infer_onnx(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
 
 def infer_keras(path: Path, backend: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    from services.runtimes.keras import import_keras, keras_dtype, output_names
+    from services.serving.runtimes.keras import import_keras, keras_dtype, output_names
 
     keras = import_keras(backend)
     try:
@@ -201,7 +202,7 @@ def infer_keras(path: Path, backend: str) -> tuple[list[TensorSpec], list[Tensor
 
 
 def infer_savedmodel(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    from services.runtimes.tensorflow import serving_signature, tf_dtype, tf_shape
+    from services.serving.runtimes.tensorflow import serving_signature, tf_dtype, tf_shape
 
     try:
         _, fn = serving_signature(str(path))
@@ -230,7 +231,7 @@ def _torch_dtype(t: Any) -> Datatype | None:
 def infer_export(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     import torch
 
-    from services.runtimes.pytorch import export_output_names
+    from services.serving.runtimes.pytorch import export_output_names
 
     try:
         program = torch.export.load(str(path))
@@ -448,7 +449,7 @@ def package_model(
             raise UserError(format_validation_error(exc)) from exc
         write_spec(tmp, spec)
         if verify:
-            from services.runtimes import create_runtime
+            from services.serving.runtimes import create_runtime
 
             create_runtime(spec, tmp, threads=None).load()  # None: leave the caller's thread settings alone
     return spec

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pulumi
 
-from services.errors import DlstackError
+from services.serving.errors import DlstackError
 
 
 def main() -> None:

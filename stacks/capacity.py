@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from services import outdir
-from services.errors import UserError
+from services.serving.errors import UserError
 
 WRK = "/usr/bin/wrk"
 HEADROOM = 0.3
@@ -484,7 +484,7 @@ def measure(
     log: Callable[[str], None] = lambda _: None,
 ) -> Measurement:
     """Run the ramp against a fresh server; ``duration_s`` bounds the load (not the server start)."""
-    from services.artifact import load_spec
+    from services.serving.artifact import load_spec
 
     check_flags(p99_ms=p99_ms, cpu=cpu, duration_s=duration_s)
     spec = load_spec(artifact_dir)
@@ -856,7 +856,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def handler(args: argparse.Namespace) -> int:
-    from services.artifact import load_spec
+    from services.serving.artifact import load_spec
 
     check_flags(p99_ms=args.p99_ms, cpu=args.cpu, duration_s=args.duration_s, target_rps=args.target_rps)
     if args.plot:

@@ -15,10 +15,10 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from services.errors import DlstackError
+from services.serving.errors import DlstackError
 
 COMMAND_MODULES = (
-    "services.server.cli",  # serve
+    "services.serving.server.cli",  # serve
     "services.packaging",  # package
     "services.registry.cli",  # models ...
     "services.datasets",  # datasets ...

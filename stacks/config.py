@@ -14,7 +14,7 @@ times its size, no duplicate keys, no tags beyond plain YAML, numbers of at most
 and finite. Every ``config:`` key is ``dlstack:<key>`` or belongs to one of ``PROVIDER_NAMESPACES``
 (kubernetes:, pulumi:, random:, docker-build:); anything else is an error with a suggestion, because
 a misspelt namespace used to be skipped silently. Names, references and digests use the full-string
-grammar of ``services.names``.
+grammar of ``services.serving.names``.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from pydantic import (
     model_validator,
 )
 
-from services import names
-from services.artifact import Framework
-from services.errors import UserError
+from services.serving import names
+from services.serving.artifact import Framework
+from services.serving.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "dlstack"  # the Pulumi config namespace: keys are "dlstack:<field>"

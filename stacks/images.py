@@ -24,8 +24,8 @@ import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from services import names
-from services.errors import UserError
+from services.serving import names
+from services.serving.errors import UserError
 
 # skopeo (logrus) ends with: time="..." level=fatal msg="what failed: why"; the msg is the useful part.
 _FATAL_RE = re.compile(r'level=fatal msg="((?:[^"\\]|\\.)*)"')

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from services.errors import UserError
+from services.serving.errors import UserError
 
 
 def stack_outputs(stack: str, config_file: Path | None = None, registry: Any = None) -> tuple[dict[str, Any], int]:

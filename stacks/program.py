@@ -26,7 +26,7 @@ from infra.cluster_baseline import (
 )
 from infra.model_image import ModelImage, ModelImageArgs
 from infra.model_service import CanaryArgs, ModelService, ModelServiceArgs
-from services.errors import UserError
+from services.serving.errors import UserError
 from stacks.config import ModelConfig, StackConfig, parse_quantity
 
 ROOT = Path(__file__).resolve().parent.parent

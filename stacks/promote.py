@@ -31,8 +31,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from services import names
-from services.errors import UserError
+from services.serving import names
+from services.serving.errors import UserError
 from stacks.images import ImageCopy, ImageCopyError, check_insecure, copy_image, promoted_tag, split_ref
 from stacks.yamledit import Doc, YamlEditError, commit, locked, recover
 

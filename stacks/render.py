@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.errors import UserError
 from services.outdir import Claim, check_dir, check_file, clean_relpath, replace_dir, replace_file
+from services.serving.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS_DIR = ("manifests", "helm", "images", "rules")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.errors import UserError
+from services.serving.errors import UserError
 
 MAX_BYTES = 8 * 1024 * 1024  # stack and history files are small; more is a mistake or an attack
 MAX_DEPTH = 64

@@ -84,7 +84,7 @@ def write_torchscript_artifact(
     """Script ``module`` into ``out/model.pt`` and write its model.yaml: one FP32 [-1, width] input and output."""
     import torch
 
-    from services.artifact import FileEntry, ModelSpec, Serving, Signature, TensorSpec, file_sha256, write_spec
+    from services.serving.artifact import FileEntry, ModelSpec, Serving, Signature, TensorSpec, file_sha256, write_spec
 
     out.mkdir(parents=True, exist_ok=True)
     torch.jit.script(module).save(str(out / "model.pt"))
@@ -111,7 +111,7 @@ def make_torch_mlp_artifact(
     seed: int = 0,
     **serving: object,
 ) -> Path:
-    """A TorchScript MLP artifact written straight through services.artifact (no packaging code involved)."""
+    """A TorchScript MLP artifact written straight through services.serving.artifact (no packaging code involved)."""
     import torch
 
     torch.manual_seed(seed)

@@ -131,7 +131,7 @@ def start_server(
     full_env.update({"DLSTACK_DRAIN_SECONDS": "0", "PYTHONUNBUFFERED": "1", "DLSTACK_CPU_LIMIT": str(workers)})
     metrics_dir = None
     if direct:
-        from services.server.cli import APP, CONF
+        from services.serving.server.cli import APP, CONF
 
         metrics_dir = tempfile.mkdtemp(prefix="dlstack-test-metrics-")
         args = [sys.executable, "-m", "gunicorn", "-c", CONF, APP]
@@ -202,7 +202,7 @@ def make_onnx_types_artifact(out: Path, name: str = "types", **serving: Any) -> 
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from services.artifact import FileEntry, ModelSpec, Serving, Signature, TensorSpec, file_sha256, write_spec
+    from services.serving.artifact import FileEntry, ModelSpec, Serving, Signature, TensorSpec, file_sha256, write_spec
 
     tensors = [("text", TensorProto.STRING, 2, "BYTES"), ("flag", TensorProto.BOOL, 3, "BOOL"),
                ("half", TensorProto.FLOAT16, 4, "FP16"), ("count", TensorProto.INT64, 1, "INT64")]  # fmt: skip

@@ -10,7 +10,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from infra.alerts import ALERTS, ModelSLO, rule_file_yaml, rule_groups
-from services.errors import UserError
+from services.serving.errors import UserError
 
 PROMTOOL = shutil.which("promtool")
 UNIT_TESTS = Path(__file__).parent / "promtool" / "slo_alerts_test.yaml"

@@ -1,4 +1,4 @@
-"""model.yaml validation, hashing and atomic writes (services/artifact.py)."""
+"""model.yaml validation, hashing and atomic writes (services/serving/artifact.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.artifact import (
+from services.serving.artifact import (
     MODEL_YAML,
     ArtifactError,
     Datatype,

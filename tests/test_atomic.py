@@ -1,4 +1,4 @@
-"""services.atomic: the one temp-file + fsync + rename writer every command uses."""
+"""services.serving.atomic: the one temp-file + fsync + rename writer every command uses."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from services.atomic import atomic_write
-from services.errors import UserError
+from services.serving.atomic import atomic_write
+from services.serving.errors import UserError
 
 
 def test_new_file_is_world_readable_and_complete(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import requests
 
-from services.server.batching import Batcher, LoopBatcher, Tensors
+from services.serving.server.batching import Batcher, LoopBatcher, Tensors
 from tests.conftest import make_torch_mlp_artifact
 from tests.serving import start_server
 
@@ -131,8 +131,8 @@ def test_a_failed_forward_reaches_every_request_of_the_batch() -> None:
 
 
 def test_batching_off_calls_the_model_directly(tmp_path: Path) -> None:
-    from services.server.app import create_app
-    from services.server.config import ServerConfig
+    from services.serving.server.app import create_app
+    from services.serving.server.config import ServerConfig
 
     art = make_torch_mlp_artifact(tmp_path / "mlp", max_batch_size=8)
     app = create_app(ServerConfig(artifact_dir=art, max_batch_size=1), background_load=False)  # flag beats yaml

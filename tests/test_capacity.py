@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from services.artifact import FileEntry, ModelSpec, Signature, TensorSpec, file_sha256, write_spec
-from services.errors import UserError
 from services.registry import Registry
+from services.serving.artifact import FileEntry, ModelSpec, Signature, TensorSpec, file_sha256, write_spec
+from services.serving.errors import UserError
 from stacks.capacity import (
     MI,
     STEP_GRACE_S,
@@ -380,7 +380,7 @@ def test_write_config_refuses_a_relabelled_artifact(
 
 
 def test_the_version_the_stack_runs_is_accepted_as_a_directory_or_a_reference(versions: dict[str, Path]) -> None:
-    from services.artifact import load_spec
+    from services.serving.artifact import load_spec
 
     reg = versions["registry"]
     check_runs(str(versions["v2"]), load_spec(versions["v2"]), "dev", "mnist-mlp", versions["stack"], reg)

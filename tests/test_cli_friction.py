@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from services.artifact import Datatype, read_spec
-from services.errors import UserError
 from services.packaging import framework_message, parse_datatype
-from services.server.config import log_format
+from services.serving.artifact import Datatype, read_spec
+from services.serving.errors import UserError
+from services.serving.server.config import log_format
 from stacks.cli import main
 from tests.conftest import ROOT, free_port, make_torch_mlp_artifact
 from tests.serving import ServerHandle

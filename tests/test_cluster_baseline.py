@@ -8,7 +8,7 @@ import pytest
 
 from infra.cluster_baseline import ClusterBaseline, ClusterBaselineArgs, ModelQuota, Namespaces
 from infra.helm import CHARTS
-from services.errors import UserError
+from services.serving.errors import UserError
 from stacks.mocks import HELM_RELEASE, RecordingMocks, run_program
 
 pytestmark = pytest.mark.xdist_group("cluster-baseline")

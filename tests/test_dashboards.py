@@ -14,7 +14,7 @@ import pytest
 
 from infra.alerts import ModelSLO, rule_file_yaml, rule_groups
 from infra.dashboards import model_dashboard, overview_dashboard, promql_expressions, queries
-from services.errors import UserError
+from services.serving.errors import UserError
 
 MODEL, NS = "mnist-mlp", "models"
 SELECTOR = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^{}]*)\}")

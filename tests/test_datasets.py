@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from services import datasets
-from services.artifact import FileEntry, ModelSpec, Signature, TensorSpec, file_sha256, write_spec
+from services.serving.artifact import FileEntry, ModelSpec, Signature, TensorSpec, file_sha256, write_spec
 from stacks.cli import main
 from tests.conftest import ROOT, git
 

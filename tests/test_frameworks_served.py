@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import requests
 
-from services.artifact import read_spec
 from services.packaging import package_model, parse_tensor
+from services.serving.artifact import read_spec
 from tests.conftest import make_torch_mlp_artifact
 from tests.serving import start_server
 from tests.test_runtimes import TF_GROUP, load, save_keras, save_onnx, save_savedmodel, save_torch_export

@@ -16,8 +16,8 @@ import psutil
 import pytest
 import requests
 
-from services.errors import UserError
-from services.server.config import cgroup_cpu_limit, cpu_limit, layout
+from services.serving.errors import UserError
+from services.serving.server.config import cgroup_cpu_limit, cpu_limit, layout
 from tests.conftest import ROOT, make_torch_mlp_artifact
 from tests.serving import ServerHandle, start_server
 
@@ -94,7 +94,7 @@ def test_layout_from_cpu_limit(cpus: float, kw: dict[str, Any], expected: tuple[
 
 def gunicorn_settings(env: dict[str, str], tmp_path: Path) -> dict[str, Any]:
     code = (
-        "import json, os, services.server.gunicorn_conf as c; print(json.dumps({k: getattr(c, k) for k in "
+        "import json, os, services.serving.server.gunicorn_conf as c; print(json.dumps({k: getattr(c, k) for k in "
         "('workers', 'threads', 'worker_class', 'preload_app', 'timeout', 'graceful_timeout', 'keepalive', "
         "'max_requests', 'max_requests_jitter', 'bind')} | {'intra': os.environ['DLSTACK_INTRA_OP_THREADS']}))"
     )
@@ -115,7 +115,7 @@ def test_gunicorn_conf_defaults_follow_the_cpu_limit(tmp_path: Path) -> None:
     }
     s = gunicorn_settings(env | {"DLSTACK_ARTIFACT_DIR": str(art)}, tmp_path)
     assert (s["workers"], s["threads"], s["intra"]) == (2, 4, "2")
-    assert s["worker_class"] == "services.server.worker.EventLoopWorker" and s["preload_app"] is False
+    assert s["worker_class"] == "services.serving.server.worker.EventLoopWorker" and s["preload_app"] is False
     assert s["bind"] == ["127.0.0.1:9"]
     assert s["graceful_timeout"] > 0 and s["timeout"] > s["graceful_timeout"] / 2 and s["keepalive"] >= 60
     assert s["max_requests"] > 0 and 0 < s["max_requests_jitter"] < s["max_requests"]
@@ -146,8 +146,8 @@ def test_bad_env_fails_once_in_the_master_with_a_clear_message(
             "-m",
             "gunicorn",
             "-c",
-            "python:services.server.gunicorn_conf",
-            "services.server.app:create_app()",
+            "python:services.serving.server.gunicorn_conf",
+            "services.serving.server.app:create_app()",
         ],
         env=base | env,
         cwd=ROOT,
@@ -290,12 +290,12 @@ def test_kept_alive_connections_are_closed_after_keepalive_requests(tmp_path: Pa
 
 def test_live_answers_while_the_model_loads_and_infer_waits_for_it(tmp_path: Path, monkeypatch: Any) -> None:
     """Liveness never depends on the model: a slow load must not make a liveness probe time out."""
-    import services.runtimes
-    from services.server.app import create_app
-    from services.server.config import ServerConfig
+    import services.serving.runtimes
+    from services.serving.server.app import create_app
+    from services.serving.server.config import ServerConfig
 
     gate = threading.Event()
-    real_create = services.runtimes.create_runtime
+    real_create = services.serving.runtimes.create_runtime
 
     def gated_create(*args: Any, **kw: Any) -> Any:
         runtime = real_create(*args, **kw)
@@ -308,7 +308,7 @@ def test_live_answers_while_the_model_loads_and_infer_waits_for_it(tmp_path: Pat
         runtime.load = slow_load  # type: ignore[method-assign]
         return runtime
 
-    monkeypatch.setattr(services.runtimes, "create_runtime", gated_create)
+    monkeypatch.setattr(services.serving.runtimes, "create_runtime", gated_create)
     art = make_torch_mlp_artifact(tmp_path / "mlp")
     app = create_app(ServerConfig(artifact_dir=art))
     client = app.test_client()

@@ -635,7 +635,7 @@ def test_infra_components_refuse_names_versions_and_digests_with_a_trailing_newl
     from infra.model_image import ModelImageArgs
     from infra.model_service import ModelServiceArgs
     from infra.monitoring import MonitoringArgs
-    from services.errors import UserError
+    from services.serving.errors import UserError
 
     with pytest.raises(UserError) as err:
         ModelServiceArgs(image="r/m:1", model_version="1\n", namespace="models\n").validate("mlp\n")

@@ -406,7 +406,7 @@ def test_package_force_replaces_another_models_artifact_but_never_a_users_file(
     (target / "NOTES.md").unlink()
     code, _, err = cli(capsys, [*argv, "--force"])
     assert (code, err) == (0, "")
-    from services.artifact import read_spec
+    from services.serving.artifact import read_spec
 
     assert read_spec(target).name == "other"
 

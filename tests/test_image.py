@@ -59,7 +59,7 @@ class Built(NamedTuple):
 
 def build(ctx: Path, tag: str) -> float:
     t0 = time.perf_counter()
-    oci("build", str(ctx), tag, "-f", str(ctx / "services" / "Dockerfile"), "--format", "docker", "--layers",
+    oci("build", str(ctx), tag, "-f", str(ctx / "services" / "serving" / "Dockerfile"), "--format", "docker", "--layers",
         "--build-arg", "FRAMEWORK=pytorch")  # fmt: skip
     return time.perf_counter() - t0
 
@@ -147,7 +147,7 @@ def test_image_config_healthcheck_and_user(image: Built) -> None:
     tag = image.tag
     cfg = podman_inspect("image", tag)["Config"]
     assert cfg["User"] == "10001:10001"
-    assert cfg["Entrypoint"][:3] == ["gunicorn", "--config", "python:services.server.gunicorn_conf"]
+    assert cfg["Entrypoint"][:3] == ["gunicorn", "--config", "python:services.serving.server.gunicorn_conf"]
     assert "/v2/health/ready" in " ".join(podman_inspect("image", tag)["Healthcheck"]["Test"])
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.artifact import load_spec
-from services.runtimes import create_runtime
+from services.serving.artifact import load_spec
+from services.serving.runtimes import create_runtime
 from tests.conftest import make_torch_mlp_artifact
 from tests.serving import ServerHandle, start_server
 

@@ -21,7 +21,7 @@ import pytest
 from infra import kibana, logstash
 from infra.helm import CHARTS
 from infra.logging import ILM_POLICY, Logging, LoggingArgs
-from services.errors import UserError
+from services.serving.errors import UserError
 from tests.k8s_checks import Recorded, manifest_errors, manifests, one, record
 
 

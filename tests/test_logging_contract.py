@@ -17,7 +17,7 @@ import requests
 
 from infra import kibana, logstash
 from infra.logstash import ACCESS_FIELDS, BASE_FIELDS, ERROR_FIELDS, LOG_FIELDS, PipelineArgs, pipeline, ref
-from services.errors import UserError
+from services.serving.errors import UserError
 from tests.conftest import make_torch_mlp_artifact
 from tests.serving import start_server
 

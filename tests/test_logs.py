@@ -112,7 +112,7 @@ def test_access_log_formatter_matches_the_generic_ecs_output() -> None:
 
     import ecs_logging
 
-    from services.server import logs
+    from services.serving.server import logs
 
     fast = logs.formatter()
     fields = {"labels": {"model": "m"}, "http": {"request": {"id": "r"}}, "event": {"dataset": "dlstack.access"}}
@@ -134,7 +134,7 @@ def test_direct_access_line_equals_the_formatter_line(error: tuple[str, str] | N
     """The server writes access lines without a LogRecord; they must be the formatter's lines, byte for byte."""
     import logging
 
-    from services.server import logs
+    from services.serving.server import logs
 
     fields: dict[str, Any] = {
         "labels": {"model": "m", "model_version": "3"},

@@ -12,7 +12,7 @@ from pathlib import Path
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.artifact import load_spec
+from services.serving.artifact import load_spec
 from tests.conftest import make_torch_mlp_artifact
 from tests.serving import ServerHandle, start_server
 
@@ -115,9 +115,9 @@ def test_stale_metric_files_are_cleared_and_owned_dir_removed(tmp_path: Path) ->
 
 
 def test_every_flask_endpoint_is_a_contract_route_label(tmp_path: Path) -> None:
-    from services.server.app import create_app
-    from services.server.config import ServerConfig
-    from services.server.metrics import ROUTES
+    from services.serving.server.app import create_app
+    from services.serving.server.config import ServerConfig
+    from services.serving.server.metrics import ROUTES
 
     contract = {"infer", "v1_predict", "model_metadata", "model_ready", "server_metadata", "live", "ready",
                 "metrics", "openapi", "other"}  # fmt: skip

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from infra.model_image import ModelImage, ModelImageArgs, image_tag, server_code_hash
-from services.errors import UserError
+from services.serving.errors import UserError
 from stacks.mocks import DOCKER_IMAGE, run_program
 from tests.conftest import ROOT, make_torch_mlp_artifact
 
@@ -29,7 +29,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyp
 
 def test_tag_changes_exactly_when_model_or_server_code_changes(tmp_path: Path) -> None:
     services = tmp_path / "services"
-    shutil.copytree(ROOT / "services", services, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(ROOT / "services" / "serving", services, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     code = server_code_hash(services)
     assert server_code_hash(services) == code
     base = image_tag("1", SHA, code, "pytorch")
@@ -69,13 +69,15 @@ def test_build_is_recorded_with_context_dockerfile_args_and_digest_ref(tmp_path:
     ctx = tmp_path / "contexts" / f"mnist-mlp-{img.tag}"
     assert build.inputs["tags"] == [f"localhost:5001/dlstack/mnist-mlp:{img.tag}"]
     assert build.inputs["context"]["location"] == str(ctx)
-    assert build.inputs["dockerfile"]["location"] == str(ctx / "services" / "Dockerfile")
+    assert build.inputs["dockerfile"]["location"] == str(ctx / "services" / "serving" / "Dockerfile")
     assert build.inputs["buildArgs"] == {"FRAMEWORK": "pytorch", "MODEL_DIR": "model"}
     assert build.inputs["push"] is True
     assert ref == f"localhost:5001/dlstack/mnist-mlp@{build.answer['digest']}"
     # The staged context: the server code + Dockerfile and the exported, verified artifact.
-    assert (ctx / "services" / "Dockerfile").read_bytes() == (ROOT / "services" / "Dockerfile").read_bytes()
-    assert (ctx / "services" / "server" / "app.py").is_file()
+    staged = ctx / "services" / "serving"
+    assert (staged / "Dockerfile").read_bytes() == (ROOT / "services" / "serving" / "Dockerfile").read_bytes()
+    assert (staged / "server" / "app.py").is_file()
+    assert sorted(p.name for p in (ctx / "services").iterdir()) == ["serving"]  # no tooling in the image
     assert not list(ctx.rglob("__pycache__"))
     assert sorted(p.name for p in (ctx / "model").iterdir()) == ["model.pt", "model.yaml"]
     assert (ctx / "model" / "model.pt").read_bytes() == (mv.path / "model.pt").read_bytes()

@@ -10,7 +10,7 @@ import pulumi
 import pytest
 
 from infra.model_service import CanaryArgs, ModelService, ModelServiceArgs
-from services.errors import UserError
+from services.serving.errors import UserError
 from tests.k8s_checks import find, manifest_errors, manifests, one, pod_spec_of, pss_restricted_violations, record
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,7 +174,7 @@ def test_grace_period_covers_prestop_and_gunicorn_drain(dev: list[dict[str, Any]
 
 def test_server_reads_every_env_var_we_set(dev: list[dict[str, Any]]) -> None:
     env = env_of(one(dev, "Deployment"))
-    server_source = "\n".join(p.read_text() for p in (ROOT / "services" / "server").glob("*.py"))
+    server_source = "\n".join(p.read_text() for p in (ROOT / "services" / "serving" / "server").glob("*.py"))
     unknown = [k for k in env if k not in server_source]
     assert not unknown, f"the model server does not read {unknown}"
     assert env["DLSTACK_BIND"].endswith(":8080") and env["DLSTACK_MAX_BATCH_SIZE"] == "1"

@@ -11,7 +11,7 @@ import pytest
 from infra.alerts import ALERTS, ModelSLO, rule_groups
 from infra.helm import CHARTS
 from infra.monitoring import Monitoring, MonitoringArgs
-from services.errors import UserError
+from services.serving.errors import UserError
 from tests.k8s_checks import Recorded, crd_errors, find, kubernetes_errors, manifests, one, record
 
 MODELS = (ModelSLO("mnist-mlp", "models", 0.01, 250), ModelSLO("tiny-cnn", "models", 0.02, 500))

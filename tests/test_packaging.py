@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from services.artifact import Datatype, TensorSpec, load_spec, read_spec
-from services.errors import UserError
 from services.packaging import package_model, parse_datatype, parse_shape, parse_tensor
+from services.serving.artifact import Datatype, TensorSpec, load_spec, read_spec
+from services.serving.errors import UserError
 from stacks.cli import main
 from tests.conftest import ROOT, make_torch_mlp_artifact
 from tests.test_runtimes import TF_GROUP, load, rand, save_keras, save_onnx, save_savedmodel, save_torch_export

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from ruamel.yaml import YAML
 
-from services.errors import UserError
+from services.serving.errors import UserError
 from stacks.config import StackConfig, parse_config
 from stacks.mocks import DOCKER_IMAGE, RANDOM_PASSWORD, RecordingMocks, run_program
 from stacks.program import BuildOptions, build, model_quota

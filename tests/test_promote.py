@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from services.artifact import FileEntry, ModelSpec, Signature, TensorSpec, file_sha256, write_spec
 from services.registry import Registry
+from services.serving.artifact import FileEntry, ModelSpec, Signature, TensorSpec, file_sha256, write_spec
 from stacks.cli import main
 from stacks.promote import history
 from tests.conftest import git

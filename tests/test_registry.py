@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from services.artifact import FileEntry, ModelSpec, Signature, TensorSpec, file_sha256, read_spec, write_spec
 from services.registry import Registry, RegistryError
 from services.registry.store import PAUSE_ENV, PAUSE_MARKER
+from services.serving.artifact import FileEntry, ModelSpec, Signature, TensorSpec, file_sha256, read_spec, write_spec
 from stacks.cli import main
 from tests.conftest import make_torch_mlp_artifact
 from tests.s3 import S3Server, point_at
@@ -331,7 +331,7 @@ def test_register_a_bare_model_file_packages_it(
 
 
 def test_directory_entries_like_a_savedmodel_round_trip(backend: Backend, tmp_path: Path) -> None:
-    from services.artifact import tree_sha256
+    from services.serving.artifact import tree_sha256
 
     art = tmp_path / "art"
     for rel, body in {"saved/saved_model.pb": b"graph", "saved/variables/v.data": b"w", "saved/a-c": b"x"}.items():

@@ -14,9 +14,9 @@ from pathlib import Path, PurePath
 
 import pytest
 
-from services.artifact import file_sha256
-from services.errors import UserError
 from services.registry import Registry, parse_location, registry_location
+from services.serving.artifact import file_sha256
+from services.serving.errors import UserError
 from tests.conftest import ROOT, free_port, git, make_torch_mlp_artifact
 from tests.s3 import S3Server, point_at
 from tests.test_registry import byte_artifact

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from ruamel.yaml import YAML
 
-from services.errors import UserError
+from services.serving.errors import UserError
 from stacks.render import diff_renders, iter_files, load_render, render, render_git_ref, to_markdown
 from tests.conftest import ROOT, make_torch_mlp_artifact
 
@@ -86,7 +86,7 @@ def test_layout_index_and_outputs(renders: dict[str, Path]) -> None:
     assert helm["version"] and helm["values"]["controller"]["replicaCount"] == 1
     image = YAML(typ="safe").load((d / "images/mnist-mlp-v1.yaml").read_text())
     assert image["context"].startswith("build/images/mnist-mlp-v1-")  # repo-relative: renders compare across checkouts
-    assert image["dockerfile"] == image["context"] + "/services/Dockerfile"
+    assert image["dockerfile"] == image["context"] + "/services/serving/Dockerfile"
     assert image["build_args"] == {"FRAMEWORK": "pytorch", "MODEL_DIR": "model"}
 
 

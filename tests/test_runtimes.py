@@ -17,7 +17,7 @@ import pytest
 # worker would otherwise lock Keras models (whose serving.keras_backend defaults to torch) out
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-from services.artifact import (
+from services.serving.artifact import (
     ArtifactError,
     FileEntry,
     ModelSpec,
@@ -28,7 +28,7 @@ from services.artifact import (
     tree_sha256,
     write_spec,
 )
-from services.runtimes import create_runtime
+from services.serving.runtimes import create_runtime
 from tests.conftest import make_torch_mlp_artifact
 
 TF_GROUP = pytest.mark.xdist_group("tensorflow")
@@ -88,7 +88,7 @@ def save_onnx(path: Path) -> Any:
 
 def save_keras(path: Path) -> Any:
     """Keras 3 functional model on the torch backend: inputs a [-1,5], b [-1,2] -> dict(p [-1,3], q [-1,1])."""
-    from services.runtimes.keras import import_keras
+    from services.serving.runtimes.keras import import_keras
 
     keras = import_keras("torch")
     keras.utils.set_random_seed(3)
@@ -140,7 +140,7 @@ def artifact(
 
 
 def load(d: Path, threads: int | None = 1) -> Any:
-    from services.artifact import load_spec
+    from services.serving.artifact import load_spec
 
     rt = create_runtime(load_spec(d), d, threads)
     rt.load()
@@ -395,7 +395,8 @@ def test_create_runtime_imports_only_the_chosen_framework(tmp_path: Path) -> Non
 
     d = make_torch_mlp_artifact(tmp_path / "a")
     code = (
-        "import sys; from services.artifact import load_spec; from services.runtimes import create_runtime; "
+        "import sys; from services.serving.artifact import load_spec; "
+        "from services.serving.runtimes import create_runtime; "
         f"rt = create_runtime(load_spec({str(d)!r}), {str(d)!r}); rt.load(); "
         "print(sorted(m for m in ('tensorflow', 'keras', 'onnxruntime') if m in sys.modules))"
     )

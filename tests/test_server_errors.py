@@ -232,8 +232,8 @@ def test_internal_error_is_500_with_request_id(tmp_path: Path) -> None:
     """A model that fails at predict time (not bad input): 500, the request id in body and header, worker fine."""
     import torch
 
-    from services.server.app import create_app
-    from services.server.config import ServerConfig
+    from services.serving.server.app import create_app
+    from services.serving.server.config import ServerConfig
     from tests.conftest import write_torchscript_artifact
 
     class Boom(torch.nn.Module):

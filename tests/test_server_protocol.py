@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import requests
 
-from services.artifact import load_spec
-from services.runtimes import create_runtime
+from services.serving.artifact import load_spec
+from services.serving.runtimes import create_runtime
 from tests.conftest import make_torch_mlp_artifact
 from tests.serving import ServerHandle, make_onnx_types_artifact, start_server
 
@@ -162,9 +162,9 @@ def test_kserve_v1_predict(mlp: tuple[ServerHandle, Path], expected: np.ndarray)
 
 
 def test_openapi_documents_exactly_the_flask_rules(mlp: tuple[ServerHandle, Path]) -> None:
-    from services.server.app import create_app
-    from services.server.config import ServerConfig
-    from services.server.openapi import served_operations
+    from services.serving.server.app import create_app
+    from services.serving.server.config import ServerConfig
+    from services.serving.server.openapi import served_operations
 
     doc = requests.get(f"{mlp[0].url}/v2/openapi.json").json()
     assert doc["openapi"].startswith("3.")
@@ -264,8 +264,8 @@ def test_non_utf8_bytes_into_an_onnx_string_tensor_is_a_400(types_srv: ServerHan
 
 def test_signature_codec_round_trips_every_datatype() -> None:
     """Decode -> encode without a model: every V2 datatype, JSON and binary, exactly preserved."""
-    from services.artifact import ModelSpec
-    from services.server.protocol import Signature
+    from services.serving.artifact import ModelSpec
+    from services.serving.server.protocol import Signature
 
     dts = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"]
     spec = ModelSpec.model_validate(

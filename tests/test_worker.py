@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import requests
 
-from services.server.worker import EventLoopWorker, HttpConnection
+from services.serving.server.worker import EventLoopWorker, HttpConnection
 from tests.conftest import make_torch_mlp_artifact
 from tests.serving import ServerHandle, start_server
 
@@ -314,8 +314,8 @@ def worker(tmp_path: Path) -> Iterator[EventLoopWorker]:
     from gunicorn import glogging
     from gunicorn.config import Config
 
-    from services.server.app import create_app
-    from services.server.config import ServerConfig
+    from services.serving.server.app import create_app
+    from services.serving.server.config import ServerConfig
 
     art = make_torch_mlp_artifact(tmp_path / "mlp")
 

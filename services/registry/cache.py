@@ -16,8 +16,8 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from services.artifact import file_sha256
 from services.registry.store import RegistryError
+from services.serving.artifact import file_sha256
 
 CACHE_ENV = "DLSTACK_CACHE"
 CHUNK = 1 << 20  # streaming unit: memory stays at one chunk whatever the blob size

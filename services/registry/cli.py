@@ -9,10 +9,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from services.artifact import MODEL_YAML, read_spec
 from services.registry.location import GRAMMAR
 from services.registry.registry import ModelVersion, Registry, parse_ref
 from services.registry.store import RegistryError
+from services.serving.artifact import MODEL_YAML, read_spec
 
 REGISTRY_HELP = f"registry location: {GRAMMAR} (default $DLSTACK_REGISTRY, else .registry at the git top level)"
 

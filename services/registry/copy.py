@@ -104,7 +104,7 @@ def copy_versions(src: Registry, dst: Registry, refs: Sequence[str] = ()) -> lis
 
 
 def _spec_sha(entry: dict[str, Any]) -> str:
-    from services.artifact import ModelSpec
+    from services.serving.artifact import ModelSpec
 
     return ModelSpec.model_validate(entry["spec"]).sha256
 

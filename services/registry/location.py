@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Literal
 
-from services.errors import UserError
+from services.serving.errors import UserError
 
 REGISTRY_ENV = "DLSTACK_REGISTRY"
 Scheme = Literal["file", "s3", "gs", "az"]

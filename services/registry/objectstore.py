@@ -25,7 +25,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from services import names
 from services.registry.cache import CHUNK, BlobCache
 from services.registry.location import RegistryLocation
 from services.registry.store import (
@@ -35,6 +34,7 @@ from services.registry.store import (
     load_index,
     pause_for_tests,
 )
+from services.serving import names
 
 INDEX_KEY = "index.json"
 CAS_ATTEMPTS = 50  # conflicts before giving up; each retry re-reads, so only a storm of writers gets here

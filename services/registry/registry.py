@@ -31,8 +31,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from services import names
-from services.artifact import (
+from services.registry.cache import BlobCache
+from services.registry.location import REGISTRY_ENV, RegistryLocation, parse_location, registry_location
+from services.registry.store import BadIndex, LocalStore, RegistryError, Store
+from services.serving import names
+from services.serving.artifact import (
     ARTIFACT_ROOT,
     MODEL_YAML,
     ArtifactError,
@@ -45,10 +48,7 @@ from services.artifact import (
     verify_files,
     write_spec,
 )
-from services.paths import tree_files
-from services.registry.cache import BlobCache
-from services.registry.location import REGISTRY_ENV, RegistryLocation, parse_location, registry_location
-from services.registry.store import BadIndex, LocalStore, RegistryError, Store
+from services.serving.paths import tree_files
 
 LATEST = "latest"  # built-in alias: the highest version
 # Python distributions whose version is recorded for each framework (runtime first).

@@ -23,10 +23,10 @@ from typing import Any, Protocol, TypeVar
 
 from pydantic import ValidationError
 
-from services import names
-from services.artifact import ModelSpec, file_sha256, format_validation_error
-from services.errors import UserError
-from services.paths import inside, relative_problem
+from services.serving import names
+from services.serving.artifact import ModelSpec, file_sha256, format_validation_error
+from services.serving.errors import UserError
+from services.serving.paths import inside, relative_problem
 
 INDEX_FORMAT = 1
 # Test hook: seconds to sleep once the new index is ready (written and fsynced locally, serialized

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from services.artifact import FileEntry, ModelSpec, Signature, TensorSpec, file_sha256, read_spec, write_spec
+from services.serving.artifact import FileEntry, ModelSpec, Signature, TensorSpec, file_sha256, read_spec, write_spec
 
 MODELS = ("mnist-mlp", "tiny-cnn")
 

@@ -129,7 +129,7 @@ def main() -> int:
             with (blob / "model.onnx").open("wb") as fh:
                 for _ in range(args.mb):
                     fh.write(os.urandom(1 << 20))
-            from services.artifact import FileEntry, file_sha256, read_spec, write_spec
+            from services.serving.artifact import FileEntry, file_sha256, read_spec, write_spec
 
             spec = read_spec(blob)
             entry = FileEntry(path="model.onnx", sha256=file_sha256(blob / "model.onnx"))

@@ -66,8 +66,8 @@ def _free_port() -> int:
 
 def in_process(artifact: Path, batch: int, seconds: float) -> float:
     """Samples/s of the dlstack runtime itself, one intra-op thread, no HTTP."""
-    from services.artifact import load_spec
-    from services.runtimes import create_runtime
+    from services.serving.artifact import load_spec
+    from services.serving.runtimes import create_runtime
 
     spec = load_spec(artifact)
     rt = create_runtime(spec, artifact, threads=1)
@@ -84,7 +84,7 @@ def in_process(artifact: Path, batch: int, seconds: float) -> float:
 
 
 def _sample(artifact: Path) -> tuple[str, str, np.ndarray]:
-    from services.artifact import read_spec
+    from services.serving.artifact import read_spec
 
     spec = read_spec(artifact)
     inp, out = spec.signature.inputs[0], spec.signature.outputs[0]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from services.artifact import Datatype
-from services.errors import UserError
-from services.runtimes.base import Runtime, check_names, check_tensor
+from services.serving.artifact import Datatype
+from services.serving.errors import UserError
+from services.serving.runtimes.base import Runtime, check_names, check_tensor
 
 # ONNX Runtime type strings -> V2 datatypes (the ones a model signature can use)
 ORT_TYPES: dict[str, Datatype] = {

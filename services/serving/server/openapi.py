@@ -45,7 +45,7 @@ def served_operations(app: Flask) -> set[tuple[str, str]]:
 
 
 def openapi_document(app: Flask) -> dict[str, Any]:
-    from services.server.app import SERVER_VERSION
+    from services.serving.server.app import SERVER_VERSION
 
     paths: dict[str, dict[str, Any]] = {}
     for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from services.artifact import ArtifactError, Datatype, ModelSpec, TensorSpec
+from services.serving.artifact import ArtifactError, Datatype, ModelSpec, TensorSpec
 
 
 class Runtime(abc.ABC):

@@ -22,13 +22,13 @@ import orjson
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from services.artifact import ModelSpec, load_spec, read_spec
-from services.errors import DlstackError, NotFound, NotReady, PayloadTooLarge, UserError
-from services.server import lifecycle, logs
-from services.server.batching import Batcher, rows_of
-from services.server.config import ServerConfig
-from services.server.metrics import CONTENT_TYPE, ModelMetrics, exposition
-from services.server.protocol import InferRequest, Signature, Tensors
+from services.serving.artifact import ModelSpec, load_spec, read_spec
+from services.serving.errors import DlstackError, NotFound, NotReady, PayloadTooLarge, UserError
+from services.serving.server import lifecycle, logs
+from services.serving.server.batching import Batcher, rows_of
+from services.serving.server.config import ServerConfig
+from services.serving.server.metrics import CONTENT_TYPE, ModelMetrics, exposition
+from services.serving.server.protocol import InferRequest, Signature, Tensors
 
 JSON = "application/json"
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -99,7 +99,7 @@ class ModelServer:
             logs.event(f"model not ready: {self.reason}", level=logging.ERROR, event__outcome="failure")
             return
         threads = None
-        from services.runtimes import create_runtime
+        from services.serving.runtimes import create_runtime
 
         t0 = time.perf_counter()
         try:
@@ -384,7 +384,7 @@ class AccessLog:
 
 
 def create_app(config: ServerConfig | None = None, *, background_load: bool = True) -> Flask:
-    """App factory; gunicorn calls it in each worker (``services.server.app:create_app()``).
+    """App factory; gunicorn calls it in each worker (``services.serving.server.app:create_app()``).
 
     The model loads in a background thread so ``/v2/health/live`` answers at once (a liveness
     probe must not kill a pod that is loading a big model); readiness is 503 until it is loaded,
@@ -470,6 +470,6 @@ def register_routes(app: Flask, s: ModelServer, views: Views) -> None:
     @app.get("/v2/openapi.json", endpoint="openapi")
     def openapi() -> Response:
         """This OpenAPI 3 document, generated from the routes above."""
-        from services.server.openapi import openapi_document
+        from services.serving.server.openapi import openapi_document
 
         return Reply(orjson.dumps(openapi_document(app))).flask()

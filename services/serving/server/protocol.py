@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from services.artifact import Datatype, ModelSpec, TensorSpec
-from services.errors import UserError
+from services.serving.artifact import Datatype, ModelSpec, TensorSpec
+from services.serving.errors import UserError
 
 Tensors = dict[str, np.ndarray]
 

@@ -13,7 +13,7 @@ import os
 import stat
 from pathlib import Path, PurePosixPath
 
-from services.errors import UserError
+from services.serving.errors import UserError
 
 FIX = "paths must be relative and inside it"
 

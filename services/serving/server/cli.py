@@ -11,11 +11,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from services.errors import UserError
-from services.server.config import LOG_FORMATS
+from services.serving.errors import UserError
+from services.serving.server.config import LOG_FORMATS
 
-APP = "services.server.app:create_app()"
-CONF = "python:services.server.gunicorn_conf"
+APP = "services.serving.server.app:create_app()"
+CONF = "python:services.serving.server.gunicorn_conf"
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -123,8 +123,8 @@ def check_port(host: str, port: int) -> None:
 
 
 def handler(args: argparse.Namespace) -> int:
-    from services.artifact import load_spec
-    from services.server.config import ServerConfig, log_format
+    from services.serving.artifact import load_spec
+    from services.serving.server.config import ServerConfig, log_format
 
     if args.max_batch_time_ms is not None and args.max_batch_time_ms < 0:
         raise UserError(f"--max-batch-time-ms must be >= 0, got {args.max_batch_time_ms}")

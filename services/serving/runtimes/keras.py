@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from services.artifact import ArtifactError, Datatype
-from services.runtimes.base import Runtime, check_names, check_tensor, writable
+from services.serving.artifact import ArtifactError, Datatype
+from services.serving.runtimes.base import Runtime, check_names, check_tensor, writable
 
 BACKENDS = ("torch", "tensorflow", "jax", "numpy")
 
@@ -77,11 +77,11 @@ class KerasRuntime(Runtime):
 
             self._torch = torch
         if self.threads and backend == "torch":
-            from services.runtimes.pytorch import set_threads
+            from services.serving.runtimes.pytorch import set_threads
 
             set_threads(self.threads)
         elif self.threads and backend == "tensorflow":
-            from services.runtimes.tensorflow import set_threads as set_tf_threads
+            from services.serving.runtimes.tensorflow import set_threads as set_tf_threads
 
             set_tf_threads(self.threads)
         try:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.runtimes.base import Runtime, check_names, writable
+from services.serving.runtimes.base import Runtime, check_names, writable
 
 EXPORT_SUFFIX = ".pt2"
 

@@ -36,9 +36,9 @@ import orjson
 from gunicorn import util
 from gunicorn.workers.base import Worker
 
-from services.errors import DlstackError
-from services.server import lifecycle, logs
-from services.server.app import (
+from services.serving.errors import DlstackError
+from services.serving.server import lifecycle, logs
+from services.serving.server.app import (
     _STATUS,
     JSON,
     ModelServer,
@@ -49,8 +49,8 @@ from services.server.app import (
     infer_reply,
     too_large,
 )
-from services.server.batching import LoopBatcher
-from services.server.protocol import InferRequest, Tensors
+from services.serving.server.batching import LoopBatcher
+from services.serving.server.protocol import InferRequest, Tensors
 
 KEEPALIVE_REQUESTS = 1000  # default requests per kept-alive connection before it is closed (0 = no limit)
 ACCEPT_FREE_CONNS = 4  # connections a worker accepts without yielding to the other workers
@@ -285,7 +285,7 @@ def _http_date() -> str:
 
 
 class EventLoopWorker(Worker):
-    """gunicorn worker class ``services.server.worker.EventLoopWorker`` (see the module docstring)."""
+    """gunicorn worker class ``services.serving.server.worker.EventLoopWorker`` (see the module docstring)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -1,4 +1,4 @@
-"""Gunicorn settings for the model server, container-aware (``gunicorn -c python:services.server.gunicorn_conf``).
+"""Gunicorn settings for the model server, container-aware (``-c python:services.serving.server.gunicorn_conf``).
 
 Workers and threads come from the CPU limit (``DLSTACK_CPU_LIMIT``, else cgroup ``cpu.max``,
 else the CPU count); each worker gets CPU limit / workers intra-op threads. The app (and
@@ -17,8 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from services.errors import UserError
-from services.server.config import ServerConfig, cpu_limit, env_int, layout, log_format
+from services.serving.errors import UserError
+from services.serving.server.config import ServerConfig, cpu_limit, env_int, layout, log_format
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client in the workers
 
@@ -55,7 +55,7 @@ def _int(key: str, default: int) -> int:
 
 def _spec() -> Any:
     try:
-        from services.artifact import read_spec
+        from services.serving.artifact import read_spec
 
         return read_spec(os.environ["DLSTACK_ARTIFACT_DIR"])
     except Exception:  # the worker reports a bad artifact; the master just falls back to defaults
@@ -84,11 +84,11 @@ def preload_framework() -> str | None:
     """
     if os.environ.get("DLSTACK_PRELOAD_FRAMEWORK", "1") == "0" or _SPEC is None:
         return None
-    importlib.import_module("services.server.app")  # Flask & co: the module only, no app, no model
+    importlib.import_module("services.serving.server.app")  # Flask & co: the module only, no app, no model
     framework = _SPEC.framework.value
     if framework not in _PRELOADABLE:
         return None
-    importlib.import_module(f"services.runtimes.{framework}")
+    importlib.import_module(f"services.serving.runtimes.{framework}")
     return framework
 
 
@@ -104,7 +104,7 @@ os.environ.setdefault("DLSTACK_INTRA_OP_THREADS", str(_layout.intra_op_threads))
 bind = [os.environ.get("DLSTACK_BIND", "0.0.0.0:8080")]
 workers = _layout.workers
 threads = _layout.http_threads
-worker_class = "services.server.worker.EventLoopWorker"
+worker_class = "services.serving.server.worker.EventLoopWorker"
 preload_app = False  # load the model after fork, in each worker
 timeout = _int("DLSTACK_TIMEOUT", 60)  # s a worker may stay silent before the master kills it
 graceful_timeout = _int("DLSTACK_GRACEFUL_TIMEOUT", 25)  # s for in-flight requests after SIGTERM (+ drain)
@@ -115,7 +115,7 @@ max_requests = _int("DLSTACK_MAX_REQUESTS", 1_000_000)
 max_requests_jitter = max_requests // 10  # spread the recycling so workers never restart together
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # heartbeat off overlayfs disk
 accesslog = None  # the app writes one ECS access line per request
-logger_class = "services.server.logs.GunicornLogger"  # ECS JSON (or text) on stdout; no gunicorn access log
+logger_class = "services.serving.server.logs.GunicornLogger"  # ECS JSON (or text) on stdout; no gunicorn access log
 proc_name = "dlstack-model-server"
 control_socket_disable = True  # gunicorn's control socket would be shared by every server of a user ($HOME)
 forwarded_allow_ips = "*"
@@ -150,7 +150,7 @@ def child_exit(server: Any, worker: Any) -> None:
 
 def worker_exit(server: Any, worker: Any) -> None:
     """Write the worker's buffered log lines before it exits."""
-    from services.server import logs
+    from services.serving.server import logs
 
     logs.flush()
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.artifact import Framework, ModelSpec
-from services.runtimes.base import Runtime
+from services.serving.artifact import Framework, ModelSpec
+from services.serving.runtimes.base import Runtime
 
 __all__ = ["Runtime", "create_runtime"]
 
@@ -14,19 +14,19 @@ def create_runtime(spec: ModelSpec, artifact_dir: Path, threads: int | None = No
     """Import only the chosen framework, so a torch model never pays for TensorFlow."""
     cls: type[Runtime]
     if spec.framework is Framework.PYTORCH:
-        from services.runtimes.pytorch import PyTorchRuntime
+        from services.serving.runtimes.pytorch import PyTorchRuntime
 
         cls = PyTorchRuntime
     elif spec.framework is Framework.KERAS:
-        from services.runtimes.keras import KerasRuntime
+        from services.serving.runtimes.keras import KerasRuntime
 
         cls = KerasRuntime
     elif spec.framework is Framework.TENSORFLOW:
-        from services.runtimes.tensorflow import TensorFlowRuntime
+        from services.serving.runtimes.tensorflow import TensorFlowRuntime
 
         cls = TensorFlowRuntime
     else:
-        from services.runtimes.onnx import OnnxRuntime
+        from services.serving.runtimes.onnx import OnnxRuntime
 
         cls = OnnxRuntime
     return cls(spec, artifact_dir, threads)

@@ -11,8 +11,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ start-up banners 
 import numpy as np
 import tensorflow as tf
 
-from services.artifact import ArtifactError, Datatype
-from services.runtimes.base import Runtime, check_names, check_tensor
+from services.serving.artifact import ArtifactError, Datatype
+from services.serving.runtimes.base import Runtime, check_names, check_tensor
 
 SIGNATURE_KEY = "serving_default"
 

@@ -1,6 +1,6 @@
 """The draining flag: set on SIGTERM, it turns readiness to 503 while the worker finishes its work.
 
-The worker (``services.server.worker``) sets it; the app reads it in ``/v2/health/ready`` and
+The worker (``services.serving.server.worker``) sets it; the app reads it in ``/v2/health/ready`` and
 the model readiness routes. It is per process: every worker gets its own SIGTERM from gunicorn.
 """
 

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from services import names
-from services.atomic import atomic_write
-from services.errors import UserError
-from services.paths import check_relative, inside, tree_files
+from services.serving import names
+from services.serving.atomic import atomic_write
+from services.serving.errors import UserError
+from services.serving.paths import check_relative, inside, tree_files
 
 MODEL_YAML = "model.yaml"
 ARTIFACT_ROOT = "the artifact directory"  # how messages name the root every files[].path must stay in
@@ -197,7 +197,7 @@ def file_sha256(path: Path) -> str:
 def tree_sha256(path: Path, root: Path | None = None, what: str = "") -> str:
     """sha256 of a file, or of a directory as (relative path, file digest) lines in sorted order.
 
-    A directory's entries are checked first (``services.paths.tree_files``): a FIFO or a symlink out of
+    A directory's entries are checked first (``services.serving.paths.tree_files``): a FIFO or a symlink out of
     ``root`` (default ``path``) is an ArtifactError naming ``what``, never hashed or waited on.
     """
     if path.is_file():
@@ -267,7 +267,7 @@ def verify_files(artifact_dir: Path | str, spec: ModelSpec) -> None:
 
 
 def artifact_file(artifact_dir: Path, rel: str, what: str) -> Path:
-    """``artifact_dir / rel`` after the one path check (``services.paths.inside``): inside, no FIFO, no device."""
+    """``artifact_dir / rel`` after the one path check (``paths.inside``): inside, no FIFO, no device."""
     return inside(artifact_dir, rel, what, ARTIFACT_ROOT, ArtifactError)
 
 
