@@ -59,7 +59,8 @@ class Built(NamedTuple):
 
 def build(ctx: Path, tag: str) -> float:
     t0 = time.perf_counter()
-    oci("build", str(ctx), tag, "-f", str(ctx / "services" / "serving" / "Dockerfile"), "--format", "docker", "--layers",
+    dockerfile = ctx / "services" / "serving" / "Dockerfile"
+    oci("build", str(ctx), tag, "-f", str(dockerfile), "--format", "docker", "--layers",
         "--build-arg", "FRAMEWORK=pytorch")  # fmt: skip
     return time.perf_counter() - t0
 
