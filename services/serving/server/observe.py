@@ -1,0 +1,33 @@
+"""What the one inference path tells its observers (prediction log, drift bins) after each answer.
+
+An observer is called on the thread that finishes the request (the worker's event loop, or a WSGI
+thread), after the answer is on its way. It must never block or raise: anything slow goes through
+its own bounded queue. The tensors are the arrays the model saw and produced, shared, never copied:
+observers read them and must not modify or keep them beyond the call unless they copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from services.serving.server.protocol import Tensors
+
+NO_LOG_HEADER = "x-dlstack-log"  # a request with "X-Dlstack-Log: off" is never written to the prediction log
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    request_id: str
+    model: str
+    version: str
+    inputs: Tensors | None  # None when the request failed before decoding
+    outputs: Tensors | None  # None unless the status is 200
+    status: int
+    latency_s: float  # from the first byte of the request to the answer
+    headers: Mapping[str, str]  # request headers, lower-cased names
+
+
+class Observer(Protocol):
+    def observe(self, p: Prediction) -> None: ...
