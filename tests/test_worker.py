@@ -16,7 +16,8 @@ from types import SimpleNamespace
 import pytest
 import requests
 
-from services.serving.server.worker import EventLoopWorker, HttpConnection
+from services.serving.server.http1 import HttpConnection
+from services.serving.server.worker import EventLoopWorker
 from tests.conftest import make_torch_mlp_artifact
 from tests.serving import ServerHandle, start_server
 
