@@ -1,0 +1,355 @@
+"""Sampled prediction log: a fraction of the answered requests, with their tensors, as ECS JSON lines.
+
+Opt-in per model (``prediction_log: {sample: 0.01, max_bytes: 4096}`` in the stack file, rendered into
+``DLSTACK_PREDICTION_LOG_*`` and read through the server settings). The observer runs on the request's
+thread and only draws one random number; a sampled request's ``Prediction`` (array references, not
+copies: the one inference path never modifies arrays after the answer) goes on a bounded queue with
+``put_nowait``. When the queue is full (the log consumer stalls) the event is dropped and counted, so a
+slow stdout never slows a request. One background thread per worker turns events into lines
+(``event.dataset: dlstack.predictions``) in the layout of the server's other ECS lines and writes them to
+stdout in order with them; Filebeat ships them and Logstash routes them to ``dlstack-predictions-*``.
+
+Inputs may be personal data: nothing is logged unless a rate is set, a request carrying
+``X-Dlstack-Log: off`` is never logged, and an event whose line would exceed ``max_bytes`` carries
+a summary per tensor (shape, min/max/mean, sha256 of its bytes) instead of the values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import queue
+import random
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import ecs_logging
+import numpy as np
+import orjson
+from prometheus_client import Counter
+
+from services.serving.errors import UserError
+from services.serving.server import logs
+from services.serving.server.observe import NO_LOG_HEADER, Observer, Prediction
+from services.serving.server.protocol import Tensors, datatype_of
+from services.serving.server.settings import ServerSettings
+
+DATASET = "dlstack.predictions"
+LOGGER = "dlstack.predictions"
+# The ServerSettings defaults (prediction_log_sample, _max_bytes, _queue), documented there.
+SAMPLE = ServerSettings.model_fields["prediction_log_sample"].default
+MAX_BYTES = ServerSettings.model_fields["prediction_log_max_bytes"].default
+QUEUE = ServerSettings.model_fields["prediction_log_queue"].default
+# The queue holds references to request and answer arrays; this bounds the memory they keep alive
+# while the consumer stalls (1000 queued 16 MiB image requests would otherwise pin 16 GB).
+QUEUE_BYTES = 64 << 20
+_BATCH = 256  # events written per stdout write at most
+
+WRITTEN = Counter(
+    "dlstack_prediction_log_written", "Prediction events written to the prediction log", ["model", "version"]
+)
+DROPPED = Counter(
+    "dlstack_prediction_log_dropped",
+    "Sampled prediction events dropped because the prediction log queue was full",
+    ["model", "version"],
+)
+
+
+class _Served(Protocol):
+    """What ``install`` needs of the model server."""
+
+    name: str
+    version: str
+    observers: list[Observer]
+
+
+class PredictionLog:
+    """An ``Observer``: samples predictions and writes them from its own thread (see the module docstring).
+
+    ``sink`` receives the lines of a batch of events, newline-terminated, and may block: only the writer
+    thread waits. ``rng`` returns floats in [0, 1); tests pass a seeded one.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        version: str,
+        *,
+        sample: float = SAMPLE,
+        max_bytes: int = MAX_BYTES,
+        queue_size: int = QUEUE,
+        queue_bytes: int = QUEUE_BYTES,
+        sink: Callable[[bytes], None] | None = None,
+        rng: Callable[[], float] = random.random,
+        text: bool = False,
+    ) -> None:
+        if not 0.0 <= sample <= 1.0:
+            raise UserError(f"prediction_log_sample {sample} must be between 0 and 1 (e.g. 0.01 for 1 %)")
+        if max_bytes < 256:
+            raise UserError(f"prediction_log_max_bytes {max_bytes} must be >= 256 (an event without tensors)")
+        if queue_size < 1:
+            raise UserError(f"prediction_log_queue {queue_size} must be >= 1 event")
+        self.model, self.version = model, version
+        self.sample = sample
+        self.max_bytes = max_bytes
+        self.queue_bytes = queue_bytes
+        self.text = text
+        self._sink = sink or stdout_sink
+        self._rng = rng
+        self._queue: queue.Queue[tuple[Prediction, int]] = queue.Queue(queue_size)
+        self._held = 0  # bytes of arrays referenced by queued events
+        self._held_lock = threading.Lock()
+        self._pid = 0  # the process whose writer thread runs
+        self._start_lock = threading.Lock()
+        self.written = WRITTEN.labels(model, version)
+        self.dropped = DROPPED.labels(model, version)
+
+    # --- the request's thread: a random draw, a header lookup, a put_nowait ---------------------
+
+    def observe(self, p: Prediction) -> None:
+        if self._rng() >= self.sample:
+            return
+        if p.headers.get(NO_LOG_HEADER, "").strip().lower() == "off":
+            return
+        size = _nbytes(p.inputs) + _nbytes(p.outputs)
+        with self._held_lock:
+            if self._held + size > self.queue_bytes and self._held:
+                self.dropped.inc()
+                return
+            self._held += size
+        try:
+            self._queue.put_nowait((p, size))
+        except queue.Full:
+            self._release(size)
+            self.dropped.inc()
+            return
+        if self._pid != os.getpid():
+            self._start()
+
+    def _release(self, size: int) -> None:
+        with self._held_lock:
+            self._held -= size
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+        threading.Thread(target=self._run, name="dlstack-prediction-log", daemon=True).start()
+
+    # --- the writer thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            with contextlib.suppress(queue.Empty):
+                while len(batch) < _BATCH:
+                    batch.append(self._queue.get_nowait())
+            try:
+                self.write(batch)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the queued events to be written; False if some are still pending."""
+        deadline = time.monotonic() + timeout
+        with self._queue.all_tasks_done:
+            while self._queue.unfinished_tasks:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._queue.all_tasks_done.wait(left)
+        return True
+
+    def write(self, batch: Iterable[tuple[Prediction, int]]) -> None:
+        lines: list[bytes] = []
+        for p, size in batch:
+            try:
+                lines.append(self.line(p))
+            except Exception as exc:  # a bad event must not stop the log; say why once per event
+                self.dropped.inc()
+                logs.server_log.warning(
+                    "prediction log: event of request %s not written: %s: %s", p.request_id, type(exc).__name__, exc
+                )
+            finally:
+                self._release(size)
+        if lines:
+            try:
+                self._sink(b"".join(lines))
+            except Exception:  # stdout is gone (closed pipe): nothing left to tell, nowhere to tell it
+                self.dropped.inc(len(lines))
+                return
+            self.written.inc(len(lines))
+
+    def line(self, p: Prediction, now: float | None = None) -> bytes:
+        """The event's line: full tensors, or their summaries when that line would exceed ``max_bytes``."""
+        now = time.time() if now is None else now
+        full = _fits(p, self.max_bytes)
+        if full:
+            out = self._line(p, now, "full", _tensors(p.inputs), _tensors(p.outputs))
+            if len(out) <= self.max_bytes:
+                return out
+        return self._line(p, now, "summary", _summaries(p.inputs), _summaries(p.outputs))
+
+    def _line(self, p: Prediction, now: float, form: str, inputs: Any, outputs: Any) -> bytes:
+        fields = event_fields(p, form, inputs, outputs)
+        message = f"prediction {p.model}:{p.version} {p.status}"
+        if self.text:
+            return text_line(now, message, p, fields)
+        return ecs_line(now, os.getpid(), message, fields)
+
+
+def event_fields(p: Prediction, form: str, inputs: Any, outputs: Any) -> dict[str, Any]:
+    """The ECS fields of one event (nested dicts); ``infra.logstash.PREDICTION_FIELDS`` names them."""
+    return {
+        "labels": {"model": p.model, "model_version": p.version},
+        "http": {"request": {"id": p.request_id}, "response": {"status_code": p.status}},
+        "event": {"dataset": DATASET, "duration": int(p.latency_s * 1e9)},
+        "dlstack": {
+            "prediction": {
+                "form": form,
+                "latency_ms": round(p.latency_s * 1000, 3),
+                "inputs": inputs,
+                "outputs": outputs,
+            }
+        },
+    }
+
+
+def ecs_line(now: float, pid: int, message: str, fields: dict[str, Any]) -> bytes:
+    """The line ``logs.Formatter`` (ecs-logging) writes for a record of the ``dlstack.predictions`` logger
+    carrying ``fields``, built directly with orjson so numpy arrays need no conversion to lists; a test
+    proves the two equal."""
+    sec = int(now)
+    head = {
+        "@timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{int((now - sec) * 1000):03d}Z",
+        "log.level": "info",
+        "message": message,
+    }
+    rest = {
+        "ecs.version": ecs_logging.ECS_VERSION,
+        "log": {"logger": LOGGER},
+        "process": {"pid": pid},
+        "service": {"name": logs.SERVICE_NAME},
+        **fields,
+    }
+    body = orjson.dumps(rest, option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE)
+    return orjson.dumps(head)[:-1] + b"," + body[1:]
+
+
+def text_line(now: float, message: str, p: Prediction, fields: dict[str, Any]) -> bytes:
+    """A person's terminal (``log_format`` text): the access line's layout, then the tensors as JSON."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f".{int((now % 1) * 1000):03d}"
+    pred = fields["dlstack"]["prediction"]
+    tensors = orjson.dumps(
+        {"inputs": pred["inputs"], "outputs": pred["outputs"]}, option=orjson.OPT_SERIALIZE_NUMPY
+    ).decode()
+    return (
+        f"{stamp} INFO    {message} {p.latency_s * 1000:.2f} ms (id {p.request_id}, {pred['form']}): {tensors}\n"
+    ).encode()
+
+
+def _nbytes(ts: Tensors | None) -> int:
+    return sum(a.nbytes for a in ts.values()) if ts else 0
+
+
+def _fits(p: Prediction, max_bytes: int) -> bool:
+    """Cheap pre-check: a JSON number takes at least 2 bytes ("0,"), so more elements cannot fit."""
+    n = sum(a.size for ts in (p.inputs, p.outputs) if ts for a in ts.values())
+    return 2 * n <= max_bytes
+
+
+def _tensors(ts: Tensors | None) -> list[dict[str, Any]] | None:
+    """V2 JSON tensors: name, datatype, shape, flat row-major data."""
+    if ts is None:
+        return None
+    return [
+        {"name": name, "datatype": datatype_of(arr), "shape": list(arr.shape), "data": _data(arr)}
+        for name, arr in ts.items()
+    ]
+
+
+def _data(arr: np.ndarray) -> Any:
+    if arr.dtype.kind == "O":  # BYTES: text as the V2 JSON form writes it; other bytes escaped, not lost
+        return [b.decode("utf-8", "backslashreplace") if isinstance(b, bytes) else str(b) for b in arr.ravel()]
+    return np.ascontiguousarray(arr).ravel()
+
+
+def _summaries(ts: Tensors | None) -> list[dict[str, Any]] | None:
+    if ts is None:
+        return None
+    return [summary(name, arr) for name, arr in ts.items()]
+
+
+def summary(name: str, arr: np.ndarray) -> dict[str, Any]:
+    """Per tensor: name, datatype, shape, min/max/mean (numbers only; None when empty) and the sha256
+    of its bytes (row-major; BYTES elements length-prefixed as in the V2 binary extension)."""
+    out: dict[str, Any] = {"name": name, "datatype": datatype_of(arr), "shape": list(arr.shape)}
+    if arr.dtype.kind == "O":
+        digest = hashlib.sha256(_bytes_elements(arr)).hexdigest()
+        out.update(min=None, max=None, mean=None)
+    else:
+        digest = hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+        if arr.size:
+            with np.errstate(all="ignore"):
+                values = arr.astype(np.float64, copy=False)
+                out.update(min=float(values.min()), max=float(values.max()), mean=float(values.mean()))
+        else:
+            out.update(min=None, max=None, mean=None)
+    out["sha256"] = digest
+    return out
+
+
+def _bytes_elements(arr: np.ndarray) -> bytes:
+    parts = []
+    for item in arr.ravel():
+        b = item if isinstance(item, bytes) else str(item).encode()
+        parts += [len(b).to_bytes(4, "little"), b]
+    return b"".join(parts)
+
+
+def stdout_sink(data: bytes) -> None:
+    """Writes after the pending stdout lines of this process, in one write; blocks while stdout is full.
+
+    Only the prediction log's own thread calls it, so a stalled stdout fills its queue (events are then
+    dropped and counted), never a request's thread.
+    """
+    buffer = logs.stdout_buffer()
+    if buffer is not None:
+        buffer.flush(data)
+        return
+    sys.stdout.write(data.decode())  # stdout replaced by an in-memory stream (tests, notebooks)
+    sys.stdout.flush()
+
+
+def install(server: _Served, settings: ServerSettings) -> PredictionLog | None:
+    """Register a prediction log on ``server.observers`` when ``settings.prediction_log_sample`` > 0; else None."""
+    if settings.prediction_log_sample <= 0.0:
+        return None
+    log = PredictionLog(
+        server.name,
+        server.version,
+        sample=settings.prediction_log_sample,
+        max_bytes=settings.prediction_log_max_bytes,
+        queue_size=settings.prediction_log_queue,
+        text=_stdout_is_text(),
+    )
+    server.observers.append(log)
+    logs.event(
+        f"prediction log on: {log.sample:g} of requests, lines up to {log.max_bytes} bytes",
+        labels__model=server.name,
+        labels__model_version=server.version,
+    )
+    return log
+
+
+def _stdout_is_text() -> bool:
+    """Whether the server's stdout lines are readable text (``log_format`` text), as ``logs.setup`` chose."""
+    handlers = logging.getLogger("dlstack").handlers
+    return any(isinstance(h.formatter, logs.TextFormatter) for h in handlers)

@@ -1,0 +1,318 @@
+"""Sampled prediction log (services/serving/server/predlog.py): sampling rate, summaries over max_bytes, the
+opt-out header, drops (not latency) when the consumer stalls, and real events from a real server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+
+from services.serving.errors import UserError
+from services.serving.server import logs, predlog
+from services.serving.server.observe import NO_LOG_HEADER, Prediction
+from services.serving.server.predlog import PredictionLog
+from services.serving.server.settings import ServerSettings
+
+
+def flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in doc.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def prediction(
+    rid: str = "r1",
+    model: str = "m",
+    inputs: dict[str, np.ndarray] | None = None,
+    outputs: dict[str, np.ndarray] | None = None,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+    latency_s: float = 0.0042,
+) -> Prediction:
+    if inputs is None:
+        inputs = {"input": np.arange(8, dtype=np.float32).reshape(1, 8) / 4}
+    if outputs is None and status == 200:
+        outputs = {"output": np.array([[0.5, -1.25, 3.0]], dtype=np.float32)}
+    return Prediction(rid, model, "1", inputs, outputs, status, latency_s, headers or {})
+
+
+class Collect:
+    """A sink that keeps the lines; ``stall()`` makes the writer block in it until ``release()``."""
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+        self.open = threading.Event()
+        self.open.set()
+        self.entered = threading.Event()
+
+    def __call__(self, data: bytes) -> None:
+        self.entered.set()
+        self.open.wait(60)
+        self.lines += data.splitlines(keepends=True)
+
+    def docs(self) -> list[dict[str, Any]]:
+        return [json.loads(x) for x in self.lines]
+
+    def wait(self, n: int, timeout: float = 30) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while len(self.lines) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.docs()
+
+
+def counter(name: str, model: str) -> float:
+    return REGISTRY.get_sample_value(name, {"model": model, "version": "1"}) or 0.0
+
+
+def make_log(sink: Collect, model: str, **kw: Any) -> PredictionLog:
+    return PredictionLog(model, "1", sink=sink, **kw)
+
+
+# --- sampling -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.2])
+def test_sampling_rate_within_statistical_bounds(rate: float) -> None:
+    """20,000 requests at 1 % (seeded): the logged count is within ±0.3 % absolute (> 4 sigma) of the rate."""
+    sink = Collect()
+    log = make_log(sink, f"sample-{rate}", sample=rate, rng=random.Random(20261128).random, queue_size=20_000)
+    n = 20_000
+    for i in range(n):
+        log.observe(prediction(rid=f"r{i}", model=f"sample-{rate}"))
+    assert log.flush(30)
+    docs = sink.docs()
+    assert abs(len(docs) / n - rate) <= 0.003, len(docs)
+    ids = [d["http"]["request"]["id"] for d in docs]
+    assert len(set(ids)) == len(ids)  # each sampled request is logged once
+    assert counter("dlstack_prediction_log_written_total", f"sample-{rate}") == len(docs)
+
+
+def test_sample_zero_logs_nothing_and_one_logs_everything() -> None:
+    off, on = Collect(), Collect()
+    log_off, log_on = make_log(off, "s0", sample=0.0), make_log(on, "s1", sample=1.0)
+    for i in range(50):
+        log_off.observe(prediction(rid=str(i)))
+        log_on.observe(prediction(rid=str(i)))
+    assert len(on.wait(50)) == 50
+    assert off.docs() == []
+
+
+# --- what an event holds ------------------------------------------------------------------------
+
+
+def test_full_event_carries_request_model_tensors_latency_and_status() -> None:
+    sink = Collect()
+    log = make_log(sink, "full", sample=1.0)
+    p = prediction(rid="abc-123", model="full", latency_s=0.0123456)
+    log.observe(p)
+    (doc,) = sink.wait(1)
+    flat = flatten(doc)
+    assert flat["event.dataset"] == predlog.DATASET
+    assert flat["http.request.id"] == "abc-123"
+    assert (flat["labels.model"], flat["labels.model_version"]) == ("full", "1")
+    assert flat["http.response.status_code"] == 200
+    assert flat["dlstack.prediction.latency_ms"] == pytest.approx(12.346, abs=1e-3)
+    assert flat["event.duration"] == 12345600
+    assert flat["dlstack.prediction.form"] == "full"
+    pred = doc["dlstack"]["prediction"]
+    assert pred["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [1, 8], "data": [x / 4 for x in range(8)]}]
+    assert pred["outputs"] == [{"name": "output", "datatype": "FP32", "shape": [1, 3], "data": [0.5, -1.25, 3.0]}]
+    assert doc["service"]["name"] == logs.SERVICE_NAME and doc["log"]["logger"] == predlog.LOGGER
+
+
+def test_failed_request_has_no_outputs() -> None:
+    sink = Collect()
+    log = make_log(sink, "failed", sample=1.0)
+    log.observe(prediction(model="failed", inputs={}, status=400))
+    log.observe(Prediction("r2", "failed", "1", None, None, 415, 0.001, {}))
+    first, second = sink.wait(2)
+    assert first["dlstack"]["prediction"]["outputs"] is None
+    assert first["http"]["response"]["status_code"] == 400
+    assert second["dlstack"]["prediction"]["inputs"] is None
+
+
+def test_over_max_bytes_the_event_carries_summaries() -> None:
+    rng = np.random.default_rng(3)
+    big = rng.normal(size=(4, 300)).astype(np.float32)
+    words = np.array([[b"caf\xc3\xa9", b"\xff\xfe"]], dtype=object)
+    sink = Collect()
+    log = make_log(sink, "big", sample=1.0, max_bytes=1024)
+    log.observe(prediction(model="big", inputs={"input": big, "words": words}))
+    (doc,) = sink.wait(1)
+    line = sink.lines[0]
+    assert len(line) <= 1024, len(line)
+    pred = doc["dlstack"]["prediction"]
+    assert pred["form"] == "summary"
+    s_in, s_words = pred["inputs"]
+    assert s_in == {
+        "name": "input",
+        "datatype": "FP32",
+        "shape": [4, 300],
+        "min": pytest.approx(float(big.min())),
+        "max": pytest.approx(float(big.max())),
+        "mean": pytest.approx(float(big.astype(np.float64).mean())),
+        "sha256": hashlib.sha256(big.tobytes()).hexdigest(),
+    }
+    assert "data" not in s_in
+    packed = b"".join(len(b).to_bytes(4, "little") + b for b in (b"caf\xc3\xa9", b"\xff\xfe"))
+    assert s_words["datatype"] == "BYTES" and s_words["sha256"] == hashlib.sha256(packed).hexdigest()
+    (s_out,) = pred["outputs"]
+    assert s_out["max"] == 3.0 and s_out["min"] == -1.25
+
+
+def test_an_event_just_over_max_bytes_is_summarised_just_under_is_not() -> None:
+    """The limit is on the whole line, not a guess from element counts."""
+    p = prediction(model="edge")
+    full_len = len(PredictionLog("edge", "1", sample=1.0, max_bytes=65536).line(p, now=0.0))
+    for limit, form in ((full_len, "full"), (full_len - 1, "summary")):
+        line = PredictionLog("edge", "1", sample=1.0, max_bytes=limit).line(p, now=0.0)
+        assert json.loads(line)["dlstack"]["prediction"]["form"] == form
+
+
+def test_bytes_tensors_are_logged_as_text() -> None:
+    sink = Collect()
+    log = make_log(sink, "bytes", sample=1.0)
+    words = np.array([[b"hello", b"caf\xc3\xa9"]], dtype=object)
+    log.observe(prediction(model="bytes", inputs={"text": words}, outputs={"text_out": words}))
+    (doc,) = sink.wait(1)
+    assert doc["dlstack"]["prediction"]["inputs"][0] == {
+        "name": "text",
+        "datatype": "BYTES",
+        "shape": [1, 2],
+        "data": ["hello", "café"],
+    }
+
+
+def test_line_is_the_ecs_logging_formatter_line() -> None:
+    """Prediction lines are built without a LogRecord; they must be what the server's ECS formatter writes."""
+    p = prediction(model="fmt")
+    fields = predlog.event_fields(p, "full", predlog._tensors(p.inputs), predlog._tensors(p.outputs))
+    as_lists = json.loads(json.dumps(fields, default=lambda a: a.tolist()))
+    msg = "prediction fmt:1 200"
+    rec = logging.LogRecord(predlog.LOGGER, logging.INFO, __file__, 1, "%s", (msg,), None)
+    rec.ecs = as_lists
+    expected = logs.formatter().format(rec) + "\n"
+    got = predlog.ecs_line(rec.created, rec.process or 0, msg, fields)
+    assert got.decode() == expected
+
+
+# --- opt-out ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "logged"), [("off", False), (" OFF ", False), ("Off", False), ("on", True)])
+def test_opt_out_header(value: str, logged: bool) -> None:
+    sink = Collect()
+    log = make_log(sink, "optout", sample=1.0)
+    log.observe(prediction(rid="marker", headers={NO_LOG_HEADER: value}))
+    log.observe(prediction(rid="after"))
+    ids = [d["http"]["request"]["id"] for d in sink.wait(2 if logged else 1)]
+    time.sleep(0.1)
+    ids = [d["http"]["request"]["id"] for d in sink.docs()]
+    assert ids == (["marker", "after"] if logged else ["after"])
+
+
+# --- a stalled consumer -------------------------------------------------------------------------
+
+
+def test_stalled_sink_drops_and_counts_and_never_blocks_the_caller() -> None:
+    sink = Collect()
+    sink.open.clear()  # the consumer stalls: the writer thread blocks in the sink
+    model = "stalled"
+    log = make_log(sink, model, sample=1.0, queue_size=10)
+    log.observe(prediction(rid="first", model=model))
+    assert sink.entered.wait(30)  # the writer holds "first" and is stuck
+    before = counter("dlstack_prediction_log_dropped_total", model)
+    durations = []
+    for i in range(200):
+        t0 = time.perf_counter()
+        log.observe(prediction(rid=f"r{i}", model=model))
+        durations.append(time.perf_counter() - t0)
+    # 10 fit in the queue, the other 190 are dropped and counted; none waited for the stalled sink.
+    assert counter("dlstack_prediction_log_dropped_total", model) - before == 190
+    assert max(durations) < 1.0  # generous: a blocked put would wait the sink's 60 s
+    sink.open.set()
+    docs = sink.wait(11)
+    assert len(docs) == 11
+    assert counter("dlstack_prediction_log_written_total", model) == 11
+
+
+def test_queue_memory_is_bounded_by_bytes_too() -> None:
+    sink = Collect()
+    sink.open.clear()
+    model = "heavy"
+    log = make_log(sink, model, sample=1.0, queue_size=1000, queue_bytes=1 << 20)
+    big = {"input": np.zeros((1, 100_000), dtype=np.float32)}  # 400 kB each
+    log.observe(prediction(rid="first", model=model, inputs=big))
+    assert sink.entered.wait(30)
+    for i in range(10):
+        log.observe(prediction(rid=f"r{i}", model=model, inputs=big))
+    # The writer already turned "first" into a line (its arrays are released): 1 MiB holds 2 more, 8 dropped.
+    assert counter("dlstack_prediction_log_dropped_total", model) == 8
+    sink.open.set()
+    assert len(sink.wait(3)) == 3
+
+
+# --- bad settings ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"sample": 1.5}, "prediction_log_sample 1.5 must be between 0 and 1"),
+        ({"sample": -0.1}, "prediction_log_sample -0.1 must be between 0 and 1"),
+        ({"max_bytes": 10}, "prediction_log_max_bytes 10 must be >= 256"),
+        ({"queue_size": 0}, "prediction_log_queue 0 must be >= 1"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(kw: dict[str, Any], message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        PredictionLog("m", "1", **kw)
+
+
+class _Server:
+    def __init__(self) -> None:
+        self.name, self.version = "inst", "1"
+        self.observers: list[Any] = []
+
+
+@pytest.mark.parametrize(
+    ("env", "installed"),
+    [
+        ({}, False),  # the default: off
+        ({"DLSTACK_PREDICTION_LOG_SAMPLE": "0"}, False),
+        (
+            {
+                "DLSTACK_PREDICTION_LOG_SAMPLE": "0.25",
+                "DLSTACK_PREDICTION_LOG_MAX_BYTES": "2048",
+                "DLSTACK_PREDICTION_LOG_QUEUE": "7",
+            },
+            True,
+        ),
+    ],
+)
+def test_install_registers_an_observer_only_when_on(env: dict[str, str], installed: bool) -> None:
+    server = _Server()
+    settings = ServerSettings.from_env({"DLSTACK_ARTIFACT_DIR": "/model", **env})
+    log = predlog.install(server, settings)
+    assert (log is not None) == installed
+    assert server.observers == ([log] if installed else [])
+    if log is not None:
+        assert (log.sample, log.max_bytes, log._queue.maxsize) == (0.25, 2048, 7)
+
+
+def test_bad_env_is_a_one_line_error_naming_the_variable() -> None:
+    with pytest.raises(UserError, match="DLSTACK_PREDICTION_LOG_SAMPLE"):
+        ServerSettings.from_env({"DLSTACK_ARTIFACT_DIR": "/model", "DLSTACK_PREDICTION_LOG_SAMPLE": "2"})
