@@ -38,12 +38,28 @@ ERRORS_RATE = "model:dlstack_request_errors:rate5m"
 ERROR_RATIO = "model:dlstack_request_error_ratio:rate5m"
 LATENCY_P50 = "model:dlstack_request_duration_seconds:p50_5m"
 LATENCY_P99 = "model:dlstack_request_duration_seconds:p99_5m"
+# Load autoscaling (KEDA, infra/autoscaling.py): short windows, since a 5m rate lags a surge by minutes,
+# kept per job so the stable Deployment (job = its Service, "<name>") scales on its own pods' load,
+# not on the canary's ("<name>-canary"); summed over versions, so a rollout's old and new pods count.
+LOAD_BY = "namespace, model, job"
+LOAD_RPS = "model_job:dlstack_requests:rate1m"
+LOAD_INFLIGHT = "model_job:dlstack_inflight_requests:sum"
+LOAD_P99 = "model_job:dlstack_request_duration_seconds:p99_1m"
 
 ALERT_ERROR_RATIO = "DlstackModelErrorRatioHigh"
 ALERT_LATENCY = "DlstackModelLatencyP99High"
 ALERT_TARGET_DOWN = "DlstackModelTargetDown"
 ALERT_PODS_NOT_READY = "DlstackModelPodsNotReady"
 ALERTS = (ALERT_ERROR_RATIO, ALERT_LATENCY, ALERT_TARGET_DOWN, ALERT_PODS_NOT_READY)
+# Drift (ModelSLO.drift): the population stability index of the live bins of
+# services/serving/server/drift.py against the registered reference; "{window}" is ModelSLO.drift_window.
+ALERT_DRIFT = "DlstackModelDrift"
+DRIFT_LIVE_RATIO = "model:dlstack_drift_live_ratio:{window}"  # share of sampled rows per bin
+DRIFT_GROUP_PSI = "model_group:dlstack_drift_psi:{window}"  # PSI per (tensor, group)
+DRIFT_PSI = "model:dlstack_drift_psi:{window}"  # the score: the worst group's PSI per model and version
+DRIFT_ROWS = "model:dlstack_drift_rows:{window}"  # sampled rows in the window (the alert's minimum)
+DRIFT_EPSILON = 1e-4  # floor of a bin's share, so an empty bin gives a large but finite ln()
+DRIFT_BY = "namespace, model, version, tensor, group"
 
 CANARY_SUFFIX = "-canary"
 RUNBOOK_BASE = "https://github.com/dlstack/dlstack/blob/main/README.md#runbook"
@@ -66,6 +82,12 @@ class ModelSLO:
     down_for: str = "2m"  # default 2m; how long a scrape target must be down
     not_ready_for: str = "5m"  # default 5m; how long available < desired replicas
     runbook_url: str = RUNBOOK_BASE  # default README runbook section; anchor per alert is appended
+    load_rules: bool = False  # default False; True adds the LOAD_* recording rules a KEDA ScaledObject queries
+    drift: bool = False  # default False; True adds the DRIFT_* rules and DlstackModelDrift (stack drift.sample > 0)
+    drift_psi: float = 0.2  # default 0.2; PSI above which the drift alert fires (0.1-0.2 moderate, > 0.2 major)
+    drift_window: str = "1h"  # default 1h; window of live bins compared with the reference
+    drift_for: str = "15m"  # default 15m; how long the PSI must stay above drift_psi
+    drift_min_rows: int = 500  # default 500; fewer sampled rows in the window keep the alert quiet (noise)
 
     def __post_init__(self) -> None:
         where = f"model {self.name!r}"
@@ -77,7 +99,9 @@ class ModelSLO:
             raise UserError(f"{where}: slo.error_ratio {self.error_ratio} must be between 0 and 1 (e.g. 0.01 = 1%)")
         if not self.p99_ms > 0:
             raise UserError(f"{where}: slo.p99_ms {self.p99_ms} must be a positive number of milliseconds")
-        for field in ("error_for", "latency_for", "down_for", "not_ready_for"):
+        if not self.drift_psi > 0 or self.drift_min_rows < 1:
+            raise UserError(f"{where}: drift.psi {self.drift_psi} and drift.min_rows {self.drift_min_rows} must be > 0")
+        for field in ("error_for", "latency_for", "down_for", "not_ready_for", "drift_window", "drift_for"):
             value = getattr(self, field)
             if not _DURATION.fullmatch(value):
                 raise UserError(f"{where}: {field}={value!r} is not a Prometheus duration (e.g. '5m', '30s', '1h')")
@@ -122,7 +146,59 @@ def _recording_rules(m: ModelSLO) -> list[dict[str, Any]]:
         (LATENCY_P50, f"histogram_quantile(0.5, {buckets})"),
         (LATENCY_P99, f"histogram_quantile(0.99, {buckets})"),
     ]
+    if m.load_rules:
+        rules += _load_rules(m)
+    if m.drift:
+        rules += _drift_rules(m)
     return [{"record": record, "expr": expr, "labels": dict(labels)} for record, expr in rules]
+
+
+def drift_record(template: str, m: ModelSLO) -> str:
+    return template.format(window=m.drift_window)
+
+
+def _drift_rules(m: ModelSLO) -> list[tuple[str, str]]:
+    sel, w, eps = m.selector, m.drift_window, f"{DRIFT_EPSILON:g}"
+    rate = f"rate(dlstack_drift_bin_total{{{sel}}}[{w}])"
+    # "> 0" drops groups without sampled rows in the window: no series rather than 0/0 = NaN.
+    live = f"sum by ({DRIFT_BY}, bin) ({rate}) / on ({DRIFT_BY}) group_left () (sum by ({DRIFT_BY}) ({rate}) > 0)"
+    p_live = f"clamp_min({drift_record(DRIFT_LIVE_RATIO, m)}{{{sel}}}, {eps})"
+    # Every pod of a version exports the same reference shares: max picks one.
+    p_ref = f"clamp_min(max by ({DRIFT_BY}, bin) (dlstack_drift_reference_ratio{{{sel}}}), {eps})"
+    rows = f"sum by ({DRIFT_BY}) (increase(dlstack_drift_bin_total{{{sel}}}[{w}]))"
+    return [
+        (drift_record(DRIFT_LIVE_RATIO, m), live),
+        (drift_record(DRIFT_GROUP_PSI, m), f"sum by ({DRIFT_BY}) (({p_live} - {p_ref}) * ln({p_live} / {p_ref}))"),
+        (drift_record(DRIFT_PSI, m), f"max by ({RECORD_BY}) ({drift_record(DRIFT_GROUP_PSI, m)}{{{sel}}})"),
+        (drift_record(DRIFT_ROWS, m), f"max by ({RECORD_BY}) ({rows})"),
+    ]
+
+
+def _drift_alert(m: ModelSLO) -> dict[str, Any]:
+    sel = m.selector
+    psi, rows = drift_record(DRIFT_PSI, m), drift_record(DRIFT_ROWS, m)
+    return _alert(
+        m,
+        ALERT_DRIFT,
+        f"{psi}{{{sel}}} > {m.drift_psi:g} and on ({RECORD_BY}) {rows}{{{sel}}} >= {m.drift_min_rows}",
+        m.drift_for,
+        "warning",
+        f"{m.name} {{{{ $labels.version }}}}: production inputs/outputs drifted from the reference",
+        f"The population stability index of {m.namespace}/{m.name} version {{{{ $labels.version }}}}'s sampled "
+        f'inputs/outputs against its registered reference is {{{{ $value | printf "%.2f" }}}} over {m.drift_window} '
+        f"(threshold {m.drift_psi:g}). Find the drifting tensor and group on the model dashboard's drift panel "
+        f"({drift_record(DRIFT_GROUP_PSI, m)}); compare recent inputs in the prediction log.",
+    )
+
+
+def _load_rules(m: ModelSLO) -> list[tuple[str, str]]:
+    infer = f'{m.selector}, route=~"{INFER_ROUTES}"'
+    buckets = f"sum by ({LOAD_BY}, le) (rate(dlstack_request_duration_seconds_bucket{{{infer}}}[1m]))"
+    return [
+        (LOAD_RPS, f"sum by ({LOAD_BY}) (rate(dlstack_requests_total{{{infer}}}[1m]))"),
+        (LOAD_INFLIGHT, f"sum by ({LOAD_BY}) (dlstack_inflight_requests{{{m.selector}}})"),
+        (LOAD_P99, f"histogram_quantile(0.99, {buckets})"),
+    ]
 
 
 def _alert(m: ModelSLO, name: str, expr: str, for_: str, severity: str, summary: str, desc: str) -> dict[str, Any]:
@@ -215,7 +291,7 @@ def rule_groups(models: Sequence[ModelSLO], *, interval: str = "") -> list[dict[
         group: dict[str, Any] = {"name": group_name(m)}
         if interval:
             group["interval"] = interval
-        group["rules"] = _recording_rules(m) + _alerts(m)
+        group["rules"] = _recording_rules(m) + _alerts(m) + ([_drift_alert(m)] if m.drift else [])
         groups.append(group)
     return groups
 

@@ -1,7 +1,8 @@
 """``ModelService``: one model served on Kubernetes by the dlstack model server.
 
 It creates a hardened Deployment (and a ServiceAccount), then calls its own helpers, each of which
-returns what it creates (cdk8s-plus style): ``expose_via_service``, ``autoscale``,
+returns what it creates (cdk8s-plus style): ``expose_via_service``, ``autoscale`` (CPU) or
+``autoscale_on_load`` (KEDA, when ``load_autoscaling`` is set; never both),
 ``add_disruption_budget``, ``monitor``, ``restrict_ingress``, ``expose_via_ingress`` and
 ``add_canary``. Every object carries an explicit ``metadata.name`` and the recommended
 ``app.kubernetes.io/*`` labels.
@@ -25,6 +26,7 @@ from typing import Any
 import pulumi
 import pulumi_kubernetes as k8s
 
+from infra.autoscaling import LoadAutoscaling, ScaledObject, ScaledObjectArgs
 from infra.cluster_baseline import INGRESS_CONTROLLER, PRIORITY_MODELS, PROMETHEUS
 from services.serving import names
 from services.serving.errors import UserError
@@ -105,6 +107,7 @@ class ModelServiceArgs:
     )
     extra_env: dict[str, str] = field(default_factory=dict)  # default none; more env for the server
     canary: CanaryArgs | None = None  # default None; see add_canary
+    load_autoscaling: LoadAutoscaling | None = None  # default None = CPU HPA; set: a KEDA ScaledObject instead
 
     @property
     def termination_grace_seconds(self) -> int:
@@ -156,6 +159,8 @@ class ModelServiceArgs:
             problems.append(f"port {self.port} is not a TCP port")
         if min(self.prestop_seconds, self.drain_seconds, self.graceful_timeout_s, self.drain_margin_s) < 0:
             problems.append("prestop_seconds, drain_seconds, graceful_timeout_s and drain_margin_s must be >= 0")
+        if self.load_autoscaling is not None:
+            problems += self.load_autoscaling.problems()
         if self.ingress_tls_secret and not self.ingress_host:
             problems.append("ingress_tls_secret needs ingress_host (TLS certificates name a host)")
         if self.canary is not None:
@@ -194,7 +199,8 @@ class ModelService(pulumi.ComponentResource):
     deployment: k8s.apps.v1.Deployment
     service_account: k8s.core.v1.ServiceAccount
     service: k8s.core.v1.Service
-    hpa: k8s.autoscaling.v2.HorizontalPodAutoscaler
+    hpa: k8s.autoscaling.v2.HorizontalPodAutoscaler | None
+    scaled_object: ScaledObject | None
     pdb: k8s.policy.v1.PodDisruptionBudget | None
     service_monitor: k8s.apiextensions.CustomResource
     network_policy: k8s.networking.v1.NetworkPolicy
@@ -222,7 +228,12 @@ class ModelService(pulumi.ComponentResource):
         )
         self.deployment = self._deployment(name, "stable", args.image, args.model_version, replicas=None)
         self.service = self.expose_via_service()
-        self.hpa = self.autoscale(args.min_replicas, args.max_replicas, args.target_cpu_percent)
+        # One autoscaler per Deployment: an HPA and a ScaledObject would overwrite each other's replicas.
+        self.hpa, self.scaled_object = None, None
+        if args.load_autoscaling is None:
+            self.hpa = self.autoscale(args.min_replicas, args.max_replicas, args.target_cpu_percent)
+        else:
+            self.scaled_object = self.autoscale_on_load(args.load_autoscaling)
         if args.min_replicas >= 2:
             self.pdb = self.add_disruption_budget()
         self.service_monitor = self.monitor()
@@ -475,6 +486,21 @@ class ModelService(pulumi.ComponentResource):
             ),
             opts=self._child,
         )
+
+    def autoscale_on_load(self, load: LoadAutoscaling) -> ScaledObject:
+        """A KEDA ScaledObject on the stable pods' request load (infra/autoscaling.py), in place of ``autoscale``."""
+        a = self.args
+        args = ScaledObjectArgs(
+            deployment=self.name,
+            namespace=a.namespace,
+            model=self.name,
+            job=self.name,  # the stable Service; the canary's pods are job "<name>-canary"
+            min_replicas=a.min_replicas,
+            max_replicas=a.max_replicas,
+            load=load,
+            labels=self.labels(),
+        )
+        return ScaledObject(f"{self.name}-scaledobject", args, self._child)
 
     def add_disruption_budget(
         self, track: str = "stable", max_unavailable: int = 1

@@ -491,6 +491,46 @@ class ImagePinConfig(_Strict):
         return v
 
 
+# Autoscaling on load (KEDA): what each metric's target means, per replica for the summed ones.
+LOAD_METRICS = {
+    "rps": "inference requests/s per replica",
+    "inflight": "requests being answered at once, per replica",
+    "p99_ms": "p99 latency of the model's inference requests, milliseconds",
+}
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+class AutoscalingConfig(_Strict):
+    """Scale on request load through a KEDA ScaledObject instead of the CPU HPA (never both)."""
+
+    metric: Literal["rps", "inflight", "p99_ms"]  # required; see LOAD_METRICS
+    # default none: for rps, capacity.per_replica_rps / (1 + capacity.headroom); required for the others
+    target: Float | None = None
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v: float | None) -> float | None:
+        if v is not None and not 0 < v <= 1e6:
+            raise ValueError(f"must be > 0 and at most 1000000 (got {v:g}); write the per-replica target")
+        return v
+
+
+class CapacityConfig(_Strict):
+    """What `dlstack capacity --write-config` measured for the version this entry runs (written by the tool)."""
+
+    per_replica_rps: Float = Field(gt=0, le=1e6)  # required; sustainable req/s of one replica under the p99 SLO
+    headroom: Float = Field(ge=0, lt=1)  # required; spare share the sizing kept, e.g. 0.3
+    measured: str  # required; the day of the measurement, YYYY-MM-DD
+
+    @field_validator("measured", mode="before")
+    @classmethod
+    def _measured(cls, v: Any) -> str:
+        text = v if isinstance(v, str) else str(v)  # YAML reads an unquoted 2026-11-28 as a date
+        if not _DATE.fullmatch(text):
+            raise ValueError(f'{_q(text)} is not a date; write it as "YYYY-MM-DD"')
+        return text
+
+
 class ModelConfig(_Strict):
     name: DnsLabel  # required; Deployment/Service/host name, e.g. mnist-mlp
     model: ModelRef  # required; registry reference name:version or name@alias
@@ -503,6 +543,25 @@ class ModelConfig(_Strict):
     canary: CanaryConfig | None = None  # default none
     image: ImagePinConfig | None = None  # default none = build from the registry artifact
     workers: Int = Field(default=2, ge=1, le=64)  # default 2; gunicorn worker processes per replica
+    autoscaling: AutoscalingConfig | None = None  # default none = the CPU HPA (replicas.target_cpu_percent)
+    capacity: CapacityConfig | None = None  # default none; written by `dlstack capacity --write-config`
+
+    @property
+    def load_target(self) -> float | None:
+        """The ScaledObject threshold: ``autoscaling.target``, else (rps) the measured capacity less its headroom.
+
+        Dividing by 1 + headroom matches the replica count `dlstack capacity` recommends, so the load the
+        sizing planned for is reached at the same replica count either way. None: no autoscaling, or no
+        default (the stack check reports it).
+        """
+        a = self.autoscaling
+        if a is None:
+            return None
+        if a.target is not None:
+            return a.target
+        if a.metric == "rps" and self.capacity is not None:
+            return round(self.capacity.per_replica_rps / (1 + self.capacity.headroom), 3)
+        return None
 
     @model_validator(mode="after")
     def _canary(self) -> ModelConfig:
@@ -540,6 +599,11 @@ class StackConfig(_Strict):
         """Whether any model asks for GPUs (the NVIDIA device plugin is installed only then)."""
         return any(m.gpu is not None for m in self.models)
 
+    @property
+    def load_autoscaling(self) -> bool:
+        """Whether any model scales on load (KEDA is installed only then)."""
+        return any(m.autoscaling is not None for m in self.models)
+
     def model(self, name: str) -> ModelConfig:
         for m in self.models:
             if m.name == name:
@@ -564,6 +628,20 @@ def _stack_checks(cfg: StackConfig) -> list[tuple[str, str]]:
             problems.append((f"models[{i}].replicas.min", msg))
         if m.image is not None and m.image.canary_digest is not None and m.canary is None:
             problems.append((f"models[{i}].image.canary_digest", "is set but the model has no canary; remove it"))
+        if m.autoscaling is not None and m.load_target is None:
+            how = "`dlstack capacity ARTIFACT --target-rps N --p99-ms MS --write-config ENV`"
+            why = (
+                f"is required: no measured capacity for this model; measure one replica with {how}, or set it"
+                if m.autoscaling.metric == "rps"
+                else f"is required for metric {m.autoscaling.metric} ({LOAD_METRICS[m.autoscaling.metric]}); set it"
+            )
+            problems.append((f"models[{i}].autoscaling.target", why))
+        elif m.autoscaling is not None and m.autoscaling.metric == "p99_ms" and (m.load_target or 0) > m.slo.p99_ms:
+            msg = (
+                f"{m.load_target:g} ms is above slo.p99_ms ({m.slo.p99_ms:g} ms): replicas would be added only "
+                "after the SLO is broken; set it below the SLO"
+            )
+            problems.append((f"models[{i}].autoscaling.target", msg))
     if cfg.prod:
         if cfg.logging.elasticsearch.nodes < 3:
             problems.append(
