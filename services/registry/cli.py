@@ -36,6 +36,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--input", action="append", default=[], metavar="NAME:DTYPE:SHAPE", help="for packaging a file")
     p.add_argument("--output", action="append", default=[], metavar="NAME:DTYPE:SHAPE", help="for packaging a file")
     p.add_argument("--manifest", type=Path, help="dataset manifest (default stacks/datasets.yaml)")
+    p.add_argument(
+        "--reference-data",
+        type=Path,
+        metavar="FILE.npz",
+        help="inputs to compute the drift reference from (np.savez(FILE, INPUT=ARRAY), >= 100 rows); "
+        "stored as reference.json in the version",
+    )
     p.add_argument("--json", action="store_true", help="print the version as JSON")
     p.set_defaults(func=cmd_register)
 
@@ -117,6 +124,10 @@ def cmd_register(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="dlstack-package-") as tmp:
         artifact = path if given else _package(args, Path(tmp) / "artifact")
         local_version = read_spec(artifact).version
+        if args.reference_data is not None:
+            from services.registry.reference import with_reference
+
+            artifact = with_reference(artifact, args.reference_data, Path(tmp) / "with-reference")
         result = reg.register(
             artifact, args.name, args.framework, datasets=datasets, metrics=_metrics(args.metric), note=args.note
         )

@@ -1,0 +1,242 @@
+"""Drift signals: live inputs and outputs binned against the reference the registry stored, as Prometheus counters.
+
+``dlstack models register ... --reference-data FILE.npz`` writes ``reference.json`` into the artifact
+(listed in ``model.yaml`` ``files``, so its sha256 is verified like the model's). For every numeric
+tensor it holds up to ``MAX_GROUPS`` contiguous feature groups of the flattened non-batch dims; a row's
+statistic per group is the group mean. Each group has ``BINS`` bins whose inner edges are the deciles of
+that statistic on the reference data (the first and last bins are open-ended), and the share of
+reference rows in each bin. Outputs are binned the same way (on what the model answered for the
+reference data), so a shift in what the model predicts shows up even when each input looks fine.
+
+In the server, ``install`` adds a ``DriftObserver`` when the artifact has a reference and
+``drift_sample`` > 0. It bins a sampled fraction of successful requests (every row of the request) and
+increments ``dlstack_drift_bin_total{model,version,tensor,group,bin}``; the reference shares are the
+gauge ``dlstack_drift_reference_ratio`` with the same labels. The population stability index over them
+is a recording rule (``infra.alerts``). Series per tensor: groups x bins (at most 80), bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+from prometheus_client import Counter, Gauge
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from services.serving.artifact import ArtifactError, ModelSpec, format_validation_error
+
+REFERENCE_FILE = "reference.json"  # in the artifact directory, listed in model.yaml files
+FORMAT = 1
+MAX_GROUPS = 8  # feature groups per tensor: bounds the series count, keeps each group's mean informative
+BINS = 10  # decile bins per group
+MIN_ROWS = 100  # fewer reference rows give deciles too noisy to compare against
+
+LABELS = ["model", "version", "tensor", "group", "bin"]
+BIN_COUNTS = Counter("dlstack_drift_bin", "Sampled rows per drift bin (group mean of a tensor's features)", LABELS)
+REFERENCE_RATIO = Gauge(
+    "dlstack_drift_reference_ratio",
+    "Share of the reference data in each drift bin",
+    LABELS,
+    multiprocess_mode="max",  # every worker sets the same values
+)
+
+log = logging.getLogger("dlstack.server")
+
+
+class TensorReference(BaseModel):
+    """The reference bins of one tensor."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str  # tensor name in the signature
+    side: Literal["input", "output"]
+    label: str  # the `tensor` metric label: the name, "output:NAME" when an input has the same name
+    width: int = Field(ge=1)  # features per row (product of the non-batch dims)
+    starts: list[int]  # first feature of each group; group g is [starts[g], starts[g+1])
+    edges: list[list[float]]  # per group, the BINS-1 inner edges (reference deciles), ascending
+    ratios: list[list[float]]  # per group, the share of reference rows in each of the BINS bins
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TensorReference:
+        g = len(self.starts)
+        if not 1 <= g <= min(MAX_GROUPS, self.width) or self.starts[0] != 0 or sorted(set(self.starts)) != self.starts:
+            raise ValueError(
+                f"tensor {self.name!r}: starts {self.starts} are not 1-{MAX_GROUPS} ascending group starts"
+            )
+        if self.starts[-1] >= self.width:
+            raise ValueError(f"tensor {self.name!r}: a group starts past the width {self.width}")
+        if len(self.edges) != g or any(len(e) != BINS - 1 or e != sorted(e) for e in self.edges):
+            raise ValueError(f"tensor {self.name!r}: edges must be {g} ascending lists of {BINS - 1}")
+        if len(self.ratios) != g or any(len(r) != BINS or abs(sum(r) - 1) > 1e-6 for r in self.ratios):
+            raise ValueError(f"tensor {self.name!r}: ratios must be {g} lists of {BINS} shares summing to 1")
+        return self
+
+    def group_means(self, arr: np.ndarray) -> np.ndarray | None:
+        """(rows, groups) group means of a batch-first array; None when its width is not the reference's."""
+        rows = arr.shape[0] if arr.ndim else 0
+        flat = np.asarray(arr).reshape(rows, -1) if rows else None
+        if flat is None or flat.shape[1] != self.width:
+            return None
+        return group_means(flat, self.starts)
+
+    def bins(self, means: np.ndarray) -> np.ndarray:
+        return bin_index(means, np.asarray(self.edges))
+
+
+class Reference(BaseModel):
+    """The content of ``reference.json``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal[1] = 1  # FORMAT
+    rows: int = Field(ge=MIN_ROWS)  # reference rows the bins were computed from
+    data_sha256: str  # sha256 of the .npz they came from (lineage)
+    tensors: list[TensorReference]
+
+
+def bin_index(means: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Bin (0..BINS-1) per (row, group) of (rows, groups) statistics: how many inner edges are at or below it."""
+    # Broadcast over the <= 8 x 9 edges: the same answer as np.searchsorted(edges[g], x, "right")
+    # per group, in one vectorised pass instead of a Python loop over groups.
+    return np.asarray((means[:, :, None] >= edges[None, :, :]).sum(axis=2))
+
+
+def group_starts(width: int) -> list[int]:
+    """Up to MAX_GROUPS contiguous, near-equal groups of ``width`` features (np.array_split's split)."""
+    return [int(part[0]) for part in np.array_split(np.arange(width), min(MAX_GROUPS, width))]
+
+
+def group_means(flat: np.ndarray, starts: list[int]) -> np.ndarray:
+    """(rows, groups) mean of each group's features of a (rows, width) array, in float64."""
+    x = flat.astype(np.float64, copy=False)
+    sizes = np.diff([*starts, x.shape[1]])
+    return np.asarray(np.add.reduceat(x, starts, axis=1) / sizes)
+
+
+def reference_bins(means: np.ndarray) -> tuple[list[list[float]], list[list[float]]]:
+    """Decile edges and the share of rows per bin, per group, of (rows, groups) reference statistics."""
+    edges = np.quantile(means, np.linspace(0, 1, BINS + 1)[1:-1], axis=0).T  # (groups, BINS-1)
+    idx = bin_index(means, edges)
+    ratios = [np.bincount(idx[:, g], minlength=BINS) / len(means) for g in range(means.shape[1])]
+    return edges.tolist(), [r.tolist() for r in ratios]
+
+
+def tensor_label(name: str, side: str, input_names: set[str]) -> str:
+    return f"output:{name}" if side == "output" and name in input_names else name
+
+
+def read_reference(path: Path) -> Reference:
+    try:
+        return Reference.model_validate_json(path.read_bytes())
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot read the drift reference ({exc.strerror})") from exc
+    except ValidationError as exc:
+        raise ArtifactError(
+            f"{path}: not a drift reference ({format_validation_error(exc)}); re-register the model with "
+            "`dlstack models register ... --reference-data FILE.npz`"
+        ) from exc
+
+
+def reference_path(artifact_dir: Path, spec: ModelSpec) -> Path | None:
+    """The artifact's reference file when model.yaml lists it (so its sha256 is checked), else None."""
+    if any(f.path == REFERENCE_FILE for f in spec.files):
+        return Path(artifact_dir) / REFERENCE_FILE
+    return None
+
+
+class _Tensor:
+    """One tensor's bins bound to its counter children (flat: group * BINS + bin)."""
+
+    def __init__(self, ref: TensorReference, model: str, version: str) -> None:
+        self.ref = ref
+        self.groups = len(ref.starts)
+        self.children = [
+            BIN_COUNTS.labels(model, version, ref.label, str(g), str(b))
+            for g in range(self.groups)
+            for b in range(BINS)
+        ]
+        for g, shares in enumerate(ref.ratios):
+            for b, share in enumerate(shares):
+                REFERENCE_RATIO.labels(model, version, ref.label, str(g), str(b)).set(share)
+
+    def observe(self, arr: np.ndarray) -> None:
+        means = self.ref.group_means(arr)
+        if means is None or not means.size:
+            return
+        idx = self.ref.bins(means) + np.arange(self.groups) * BINS
+        counts = np.bincount(idx[np.isfinite(means)], minlength=self.groups * BINS)
+        for i in np.flatnonzero(counts):
+            self.children[i].inc(int(counts[i]))
+
+
+class DriftObserver:
+    """Bins a sampled share of successful predictions (``observe.Observer``)."""
+
+    def __init__(
+        self,
+        reference: Reference,
+        model: str,
+        version: str,
+        sample: float,
+        draw: Callable[[], float] = random.random,
+    ) -> None:
+        self.sample = sample
+        self.draw = draw
+        self.inputs = [_Tensor(t, model, version) for t in reference.tensors if t.side == "input"]
+        self.outputs = [_Tensor(t, model, version) for t in reference.tensors if t.side == "output"]
+        self._failed = False
+
+    def observe(self, p: Any) -> None:
+        if p.status != 200 or p.inputs is None or p.outputs is None or self.draw() >= self.sample:
+            return
+        try:
+            self._bin(self.inputs, p.inputs)
+            self._bin(self.outputs, p.outputs)
+        except Exception:  # an observer must never fail a request; say it once, not per request
+            if not self._failed:
+                self._failed = True
+                log.exception("drift binning failed; drift metrics of this worker may be incomplete")
+
+    @staticmethod
+    def _bin(tensors: list[_Tensor], arrays: Mapping[str, np.ndarray]) -> None:
+        for t in tensors:
+            arr = arrays.get(t.ref.name)
+            if arr is not None:
+                t.observe(arr)
+
+
+class _Server(Protocol):
+    spec: ModelSpec | None
+    name: str
+    version: str
+    observers: list[Any]
+
+
+class _Settings(Protocol):
+    artifact_dir: Path
+    drift_sample: float
+
+
+def install(server: _Server, settings: _Settings) -> DriftObserver | None:
+    """Append a DriftObserver to ``server.observers`` when drift_sample > 0 and the artifact has a reference.
+
+    Without either nothing is installed and no drift series is exported. A reference that cannot be
+    read is logged and skipped: drift signals are never a reason to stop serving.
+    """
+    if settings.drift_sample <= 0 or server.spec is None:
+        return None
+    path = reference_path(settings.artifact_dir, server.spec)
+    if path is None:
+        return None
+    try:
+        reference = read_reference(path)
+    except ArtifactError as exc:
+        log.error("drift metrics off: %s", exc.message)
+        return None
+    observer = DriftObserver(reference, server.name, server.version, settings.drift_sample)
+    server.observers.append(observer)
+    return observer
