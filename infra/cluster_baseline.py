@@ -2,8 +2,9 @@
 
 Namespaces (Pod Security admission labels), the models namespace's ResourceQuota and LimitRange,
 PriorityClasses, default-deny NetworkPolicies plus exactly the flows the stack uses (``FLOWS``),
-and the pinned cluster add-ons: ingress-nginx, metrics-server (the HPA's CPU metrics) and, only
-when a model asks for GPUs, the NVIDIA device plugin.
+and the pinned cluster add-ons: ingress-nginx, metrics-server (the HPA's CPU metrics), only
+when a model asks for GPUs the NVIDIA device plugin, and only when a model autoscales on load KEDA
+(in its own namespace; its operator queries Prometheus, the one flow it adds to ``FLOWS``).
 
 Network flows are data, not code: ``flows(args)`` returns the table, and every allowed connection
 becomes an egress rule on the client side and an ingress rule on the server side (one
@@ -37,6 +38,7 @@ FILEBEAT = {"common.k8s.elastic.co/type": "beat"}
 ECK_OPERATOR = {"control-plane": "elastic-operator"}
 LOGGING_SETUP = {"app.kubernetes.io/component": "logging-setup"}  # infra.logging's ILM/saved-objects Jobs
 KUBE_DNS = {"k8s-app": "kube-dns"}
+KEDA_OPERATOR = {"app.kubernetes.io/name": "keda-operator"}  # the pod that runs the scalers' queries
 
 PRIORITY_MODELS = "dlstack-model-serving"
 PRIORITY_PLATFORM = "dlstack-platform"
@@ -110,6 +112,8 @@ class ClusterBaselineArgs:
     ingress_class_name: str = "nginx"  # default nginx; IngressClass the chart creates
     kind: bool = True  # default True; dev on kind: hostPorts 80/443 on the ingress-ready node
     gpu: bool = False  # default False; True installs the NVIDIA device plugin
+    keda: bool = False  # default False; True installs KEDA (a model autoscales on load)
+    keda_namespace: str = "keda"  # default keda; created with KEDA, Pod Security "restricted"
     eck_operator_namespace: str | None = None  # default = logging namespace
     prometheus_operator_namespace: str | None = None  # default = monitoring namespace
     api_server_cidr: str = "0.0.0.0/0"  # default any; narrow to the control plane's addresses when known
@@ -120,6 +124,8 @@ class ClusterBaselineArgs:
         problems = []
         if len(set(self.namespaces.all())) != 4:
             problems.append(f"namespaces must be distinct, got {list(self.namespaces.all())}")
+        if self.keda and self.keda_namespace in self.namespaces.all():
+            problems.append(f'keda_namespace "{self.keda_namespace}" must differ from {list(self.namespaces.all())}')
         if self.ha and self.ingress_replicas < 2:
             problems.append(f"ha needs ingress_replicas >= 2 (got {self.ingress_replicas})")
         if not 1 <= self.model_port <= 65535:
@@ -212,6 +218,9 @@ def flows(args: ClusterBaselineArgs) -> list[Flow]:
     kube_dns = Peer("kube-dns", "kube-system", KUBE_DNS)
     for n in (ns.ingress, ns.monitoring, ns.logging):
         out.append(Flow(f"{n}-dns", Peer(n, n, {}), kube_dns, (Port(53, "UDP"), Port(53, "TCP")), "DNS lookups"))
+    if args.keda:
+        keda = Peer("keda-operator", args.keda_namespace, KEDA_OPERATOR)
+        out.append(Flow("keda-to-prometheus", keda, prometheus, (Port(9090),), "KEDA's prometheus triggers"))
     return out
 
 
@@ -235,6 +244,7 @@ class ClusterBaseline(pulumi.ComponentResource):
     ingress_nginx: k8s.helm.v3.Release
     metrics_server: k8s.helm.v3.Release
     device_plugin: k8s.helm.v3.Release | None
+    keda: k8s.helm.v3.Release | None
     models_namespace: pulumi.Output[str]
 
     def __init__(self, name: str, args: ClusterBaselineArgs, opts: pulumi.ResourceOptions | None = None) -> None:
@@ -253,6 +263,7 @@ class ClusterBaseline(pulumi.ComponentResource):
         self.ingress_nginx = self.install_ingress_nginx()
         self.metrics_server = self.install_metrics_server()
         self.device_plugin = self.install_device_plugin() if args.gpu else None
+        self.keda = self.install_keda() if args.keda else None
         self.models_namespace = pulumi.Output.from_input(args.namespaces.models)
         self.register_outputs({"models_namespace": self.models_namespace})
 
@@ -266,7 +277,9 @@ class ClusterBaseline(pulumi.ComponentResource):
         namespaces still warn and audit against "restricted" so drift is visible.
         """
         ns = self.args.namespaces
-        level = {ns.models: "restricted", ns.ingress: "baseline"}.get(namespace, "privileged")
+        level = {ns.models: "restricted", ns.ingress: "baseline", self.args.keda_namespace: "restricted"}.get(
+            namespace, "privileged"
+        )
         version = f"v{self.args.kubernetes_version}"
         return {
             "pod-security.kubernetes.io/enforce": level,
@@ -290,6 +303,14 @@ class ClusterBaseline(pulumi.ComponentResource):
             }
             out[role] = k8s.core.v1.Namespace(
                 f"{self.name}-ns-{role}", metadata=_k({"name": namespace, "labels": labels}), opts=self._child
+            )
+        if self.args.keda:
+            namespace = self.args.keda_namespace
+            labels = {"app.kubernetes.io/part-of": "dlstack", "app.kubernetes.io/managed-by": "pulumi"}
+            out["keda"] = k8s.core.v1.Namespace(
+                f"{self.name}-ns-keda",
+                metadata=_k({"name": namespace, "labels": {**labels, **self._pod_security(namespace)}}),
+                opts=self._child,
             )
         return out
 
@@ -477,4 +498,23 @@ class ClusterBaseline(pulumi.ComponentResource):
                 "nodeSelector": {"nvidia.com/gpu.present": "true"},
             },
             opts=self._child,
+        )
+
+    def install_keda(self) -> k8s.helm.v3.Release:
+        """KEDA (operator, metrics API server, admission webhooks and its CRDs), for models that scale on load.
+
+        The ScaledObjects wait for this release: its CRDs must exist before one can be created.
+        """
+        ha = self.args.ha
+        values: dict[str, Any] = {
+            "crds": {"install": True},
+            "priorityClassName": PRIORITY_PLATFORM,
+            # The operator elects a leader: a second replica takes over without a scaling gap.
+            "operator": {"replicaCount": 2 if ha else 1},
+            "webhooks": {"replicaCount": 2 if ha else 1},
+        }
+        if ha:
+            values["podDisruptionBudget"] = {"operator": {"minAvailable": 1}, "webhooks": {"minAvailable": 1}}
+        return helm_release(
+            "keda", chart="keda", namespace=self.args.keda_namespace, values=values, opts=self._after_ns
         )

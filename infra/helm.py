@@ -30,6 +30,8 @@ CHARTS: dict[str, Chart] = {
     "ingress-nginx": Chart("ingress-nginx", "https://kubernetes.github.io/ingress-nginx", "4.14.1"),
     "metrics-server": Chart("metrics-server", "https://kubernetes-sigs.github.io/metrics-server/", "3.13.0"),
     "nvidia-device-plugin": Chart("nvidia-device-plugin", "https://nvidia.github.io/k8s-device-plugin", "0.18.2"),
+    # Installed only when a model autoscales on load; 2.20.2 = the CRD schema vendored in tests/schemas.
+    "keda": Chart("keda", "https://kedacore.github.io/charts", "2.20.2"),
     # Owned by the workloads components (infra/logging.py, infra/monitoring.py); pinned here too.
     "eck-operator": Chart("eck-operator", "https://helm.elastic.co", "3.5.0"),
     "kube-prometheus-stack": Chart(

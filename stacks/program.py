@@ -9,6 +9,7 @@ before a single resource exists.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Protocol
 import pulumi
 import pulumi_kubernetes as k8s
 
+from infra.autoscaling import LoadAutoscaling
 from infra.cluster_baseline import (
     PRIORITY_MODELS,
     ClusterBaseline,
@@ -136,6 +138,7 @@ def baseline_args(cfg: StackConfig) -> ClusterBaselineArgs:
         ingress_class_name=cfg.ingress.class_name,
         kind=not cfg.prod,
         gpu=cfg.gpu,
+        keda=cfg.load_autoscaling,
     )
 
 
@@ -145,6 +148,7 @@ def model_service_args(
     image: pulumi.Input[str],
     version: str,
     canary: tuple[pulumi.Input[str], str] | None,
+    load: LoadAutoscaling | None = None,
 ) -> ModelServiceArgs:
     r = m.resources
     return ModelServiceArgs(
@@ -175,6 +179,18 @@ def model_service_args(
         canary=CanaryArgs(image=canary[0], model_version=canary[1], weight=m.canary.weight)
         if canary is not None and m.canary is not None
         else None,
+        load_autoscaling=load,
+    )
+
+
+def load_autoscaling(
+    m: ModelConfig, prometheus: pulumi.Input[str], depends_on: tuple[pulumi.Resource, ...] = ()
+) -> LoadAutoscaling | None:
+    """The model's ``autoscaling`` entry for its ScaledObject (None: the CPU HPA); ``depends_on``: KEDA's release."""
+    if m.autoscaling is None or m.load_target is None:
+        return None
+    return LoadAutoscaling(
+        metric=m.autoscaling.metric, target=m.load_target, server_address=prometheus, depends_on=depends_on
     )
 
 
@@ -298,7 +314,8 @@ def build(cfg: StackConfig, registry: ModelResolver, options: BuildOptions | Non
         ],
     )
 
-    _observability(cfg, after_baseline)
+    observability = _observability(cfg, after_baseline)
+    keda = (baseline.keda,) if baseline.keda is not None else ()
 
     outputs: dict[str, Any] = {"environment": cfg.environment, "models": {}}
     for m in cfg.models:
@@ -314,7 +331,9 @@ def build(cfg: StackConfig, registry: ModelResolver, options: BuildOptions | Non
         ModelService(
             m.name,
             # Deployments run the digest-pinned ref: exactly the image that was built (or promoted).
-            model_service_args(cfg, m, image.ref, mv.version, canary),
+            model_service_args(
+                cfg, m, image.ref, mv.version, canary, load_autoscaling(m, observability["prometheus"], keda)
+            ),
             for_models,
         )
         entry: dict[str, Any] = {
@@ -371,7 +390,11 @@ def _observability(cfg: StackConfig, opts: pulumi.ResourceOptions) -> dict[str, 
         "monitoring",
         MonitoringArgs(
             namespace=ns.monitoring,
-            models=slos_for(cfg.models, ns.models),
+            # Models that scale on load get the short-window rules their ScaledObject queries.
+            models=tuple(
+                dataclasses.replace(slo, load_rules=m.autoscaling is not None)
+                for slo, m in zip(slos_for(cfg.models, ns.models), cfg.models, strict=True)
+            ),
             retention=mon.retention,
             storage=mon.storage,
             prometheus_replicas=mon.prometheus_replicas,
@@ -403,4 +426,10 @@ def _observability(cfg: StackConfig, opts: pulumi.ResourceOptions) -> dict[str, 
         {},
         pulumi.ResourceOptions(parent=monitoring),
     )
-    return {"logging": logging, "monitoring": monitoring, "kibana_ingress": kibana, "grafana_ingress": grafana}
+    return {
+        "logging": logging,
+        "monitoring": monitoring,
+        "kibana_ingress": kibana,
+        "grafana_ingress": grafana,
+        "prometheus": monitoring.prometheus_service,
+    }
