@@ -615,7 +615,7 @@ class StackConfig(_Strict):
 # Cross-field checks that span several entries (per-entry checks live in the models above).
 
 
-def _stack_checks(cfg: StackConfig) -> list[tuple[str, str]]:
+def _stack_checks(cfg: StackConfig, unmeasured_ok: bool = False) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     seen: dict[str, int] = {}
     for i, m in enumerate(cfg.models):
@@ -628,7 +628,7 @@ def _stack_checks(cfg: StackConfig) -> list[tuple[str, str]]:
             problems.append((f"models[{i}].replicas.min", msg))
         if m.image is not None and m.image.canary_digest is not None and m.canary is None:
             problems.append((f"models[{i}].image.canary_digest", "is set but the model has no canary; remove it"))
-        if m.autoscaling is not None and m.load_target is None:
+        if m.autoscaling is not None and m.load_target is None and not unmeasured_ok:
             how = "`dlstack capacity ARTIFACT --target-rps N --p99-ms MS --write-config ENV`"
             why = (
                 f"is required: no measured capacity for this model; measure one replica with {how}, or set it"
@@ -858,8 +858,12 @@ def _check_tree(value: Any, loc: tuple[int | str, ...], source: str) -> None:
             raise ConfigError(f"{source}: {_key_path(where)}: {node!r} is not a finite number; write a number")
 
 
-def parse_config(data: dict[str, Any], source: str) -> StackConfig:
-    """Validate config values keyed by their short names ("models", not "dlstack:models")."""
+def parse_config(data: dict[str, Any], source: str, *, unmeasured_ok: bool = False) -> StackConfig:
+    """Validate config values keyed by their short names ("models", not "dlstack:models").
+
+    ``unmeasured_ok``: `dlstack capacity` reads a stack whose ``autoscaling: {metric: rps}`` still waits
+    for the measurement that gives it its target; everything else is checked as always.
+    """
     try:
         cfg = StackConfig.model_validate(data)
     except ValidationError as exc:
@@ -871,7 +875,7 @@ def parse_config(data: dict[str, Any], source: str) -> StackConfig:
         if len(errors) > _MAX_REPORTED:
             lines.append(f"{source}: ... and {len(errors) - _MAX_REPORTED} more problems")
         raise ConfigError("\n".join(lines)) from None
-    problems = _stack_checks(cfg)
+    problems = _stack_checks(cfg, unmeasured_ok)
     if problems:
         raise ConfigError("\n".join(f"{source}: {NAMESPACE}:{path}: {msg}" for path, msg in problems))
     return cfg
@@ -1124,11 +1128,11 @@ def read_stack_file(path: Path) -> dict[str, Any]:
     return dict(doc["config"])
 
 
-def load_stack_config(stack: str, path: Path | None = None) -> StackConfig:
+def load_stack_config(stack: str, path: Path | None = None, *, unmeasured_ok: bool = False) -> StackConfig:
     """Parse ``Pulumi.<stack>.yaml`` (or ``path``, same format) into a validated ``StackConfig``."""
     path = path if path is not None else stack_file(stack)
     raw = read_stack_file(path)
-    return parse_config(_strip_ns(raw, path.name), path.name)
+    return parse_config(_strip_ns(raw, path.name), path.name, unmeasured_ok=unmeasured_ok)
 
 
 def load_pulumi_config(stack: str) -> StackConfig:
