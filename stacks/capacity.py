@@ -14,7 +14,9 @@ with the step), so one slow answer cannot carry the ramp past the budget.
 
 With ``--write-config ENV`` the artifact must be the version the ENV stack file's entry resolves to
 (through the registry, aliases included); sizing one version into an entry that runs another is
-refused before anything is measured.
+refused before anything is measured. Besides replicas and resources it records
+``capacity: {per_replica_rps, headroom, measured}``, the default target of ``autoscaling: {metric: rps}``
+(KEDA), so an entry may ask for load autoscaling before it has been measured.
 
 Recommend (the headroom, default 30 %, is spare capacity for spikes and a lost pod):
 
@@ -690,11 +692,17 @@ def plot(m: Measurement, path: Path) -> Path:
     return outdir.replace_file(path, buf.getvalue(), label="--plot", what="capacity plot", recognise=is_plot)
 
 
-def write_config(stack: str, model: str, rec: Recommendation, path: Path | None = None) -> Path:
+def write_config(
+    stack: str, model: str, rec: Recommendation, path: Path | None = None, *, measured: str | None = None
+) -> Path:
     """Write the sizing into ``Pulumi.<stack>.yaml``'s model entry, byte for byte elsewhere; atomic and validated.
 
     The edit goes through ``stacks.yamledit`` like promotion's (same lock, same recovery of an interrupted
     promotion first, same all-or-nothing commit), so comments, quoting, BOM and CRLF survive.
+
+    ``measured`` (the day, YYYY-MM-DD; the CLI passes today's UTC date) also records
+    ``capacity: {per_replica_rps, headroom, measured}``: the default target of ``autoscaling: {metric: rps}``
+    (stacks.config ``ModelConfig.load_target``). None writes the sizing only.
     """
     import tempfile
 
@@ -725,12 +733,16 @@ def write_config(stack: str, model: str, rec: Recommendation, path: Path | None 
                 flow=True,
             )
             doc.set_map((*at, "resources"), {"cpu": rec.cpu, "memory": rec.memory}, flow=True)
+            if measured is not None:
+                # Four significant digits: a measurement is not more precise, and never rounds to 0.
+                capacity = {"per_replica_rps": float(f"{rec.per_replica_rps:.4g}"), "headroom": rec.headroom}
+                doc.set_map((*at, "capacity"), {**capacity, "measured": measured}, flow=True)
             data = doc.result()
             with tempfile.TemporaryDirectory(prefix="dlstack-capacity-") as tmp:
                 # Validate before replacing: a config the schema rejects must never land.
                 (Path(tmp) / path.name).write_bytes(data)
                 try:
-                    load_stack_config(stack, Path(tmp) / path.name)
+                    load_stack_config(stack, Path(tmp) / path.name, unmeasured_ok=True)
                 except UserError as exc:
                     raise UserError(
                         f"{path.name}: not changed, the new sizing does not validate: {exc.message}"
@@ -780,7 +792,7 @@ def check_runs(
     from stacks.config import load_stack_config, stack_file
 
     path = config_file if config_file is not None else stack_file(stack)
-    cfg = load_stack_config(stack, path)
+    cfg = load_stack_config(stack, path, unmeasured_ok=True)  # measuring is how an rps target gets its default
     model = next((m for m in cfg.models if m.name == entry), None)
     if model is None:
         names = ", ".join(m.name for m in cfg.models) or "none"
@@ -913,6 +925,10 @@ def handler(args: argparse.Namespace) -> int:
     if args.report:
         outdir.replace_file(args.report, (json.dumps(report(m, rec), indent=2) + "\n").encode(), **_REPORT)
     if args.write_config:
-        path = write_config(args.write_config, entry, rec, args.config_file)
-        print(f"wrote {path}: model {entry} ({spec.name}:{spec.version}): replicas and resources")
+        today = time.strftime("%Y-%m-%d", time.gmtime())
+        path = write_config(args.write_config, entry, rec, args.config_file, measured=today)
+        print(
+            f"wrote {path}: model {entry} ({spec.name}:{spec.version}): replicas, resources and capacity "
+            f"({float(f'{rec.per_replica_rps:.4g}'):g} req/s per replica, the default target of autoscaling on rps)"
+        )
     return 0
