@@ -365,3 +365,36 @@ def test_export_streams_through_a_verified_cache(backend: Backend, tmp_path: Pat
         cached.chmod(0o644)
         cached.write_bytes(b"tampered")  # a bad cache entry is never served: dropped and fetched again
     assert (fresh.resolve("m:1").export(tmp_path / "e2") / "model.onnx").read_bytes() == payload
+
+
+def test_register_with_reference_data_stores_a_verified_drift_reference(
+    backend: Backend, tmp_path: Path, torch_artifacts: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+
+    from services.serving.server.drift import REFERENCE_FILE, read_reference
+
+    a, _ = torch_artifacts
+    root = backend.location
+    data = tmp_path / "ref.npz"
+    np.savez(data, input=np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32))
+    base = ["models", "register", "--registry", root, "--name", "mlp", "--framework", "pytorch"]
+    before = sorted(p.name for p in a.iterdir())
+    assert main([*base, str(a), "--reference-data", str(data)]) == 0
+    assert capsys.readouterr().out.startswith("registered mlp:1 ")
+    assert sorted(p.name for p in a.iterdir()) == before  # the source artifact is never written
+    mv = Registry(root).resolve("mlp:1")
+    assert [f.path for f in mv.spec.files] == ["model.pt", REFERENCE_FILE]
+    out = mv.export(tmp_path / "export")  # what the image build copies into /model
+    assert read_reference(out / REFERENCE_FILE).data_sha256 == file_sha256(data)
+    assert main(["models", "verify", "--registry", root]) == 0
+    capsys.readouterr()
+    # The reference is part of the content: the model without it is another version.
+    assert main([*base, str(a)]) == 0
+    assert capsys.readouterr().out.startswith("registered mlp:2 ")
+    # A bad file is one line naming the flag and the fix, and stores nothing.
+    np.savez(data, input=np.zeros((300, 8), np.float64))
+    assert main([*base, str(a), "--reference-data", str(data)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--reference-data" in err and "astype(np.float32)" in err and "\n" not in err
+    assert [v.version for v in Registry(root).versions("mlp")] == ["1", "2"]

@@ -28,6 +28,7 @@ from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from services.serving.artifact import ArtifactError, ModelSpec, format_validation_error
+from services.serving.server.settings import ServerSettings
 
 REFERENCE_FILE = "reference.json"  # in the artifact directory, listed in model.yaml files
 FORMAT = 1
@@ -216,12 +217,7 @@ class _Server(Protocol):
     observers: list[Any]
 
 
-class _Settings(Protocol):
-    artifact_dir: Path
-    drift_sample: float
-
-
-def install(server: _Server, settings: _Settings) -> DriftObserver | None:
+def install(server: _Server, settings: ServerSettings) -> DriftObserver | None:
     """Append a DriftObserver to ``server.observers`` when drift_sample > 0 and the artifact has a reference.
 
     Without either nothing is installed and no drift series is exported. A reference that cannot be
