@@ -238,6 +238,44 @@ def test_prod_needs_replicas_and_a_pdb(pack: ModuleType, objs: list[dict[str, An
     assert violations(pack, objs, "dev") == {}, "dev may run a single replica without a PDB"
 
 
+SCALED_OBJECT = {
+    "apiVersion": "keda.sh/v1alpha1",
+    "kind": "ScaledObject",
+    "metadata": {"name": "m", "namespace": "models"},
+    "spec": {
+        "scaleTargetRef": {"name": "m"},  # kind defaults to Deployment, as in KEDA
+        "minReplicaCount": 2,
+        "maxReplicaCount": 4,
+        "triggers": [{"type": "prometheus", "metadata": {"query": "x", "threshold": "1", "serverAddress": "http://p"}}],
+    },
+}
+
+
+def test_a_scaled_object_counts_as_the_deployments_autoscaler(pack: ModuleType) -> None:
+    assert violations(pack, [DEPLOYMENT, SCALED_OBJECT, PDB], "prod") == {}
+    # KEDA's minReplicaCount defaults to 0 (scale to zero): prod must set it.
+    unset = copy.deepcopy(SCALED_OBJECT)
+    del unset["spec"]["minReplicaCount"]
+    found = violations(pack, [DEPLOYMENT, unset, PDB], "prod")
+    assert list(found) == ["prod-high-availability"]
+    assert any("at least 2 replicas (got 0)" in m for m in found["prod-high-availability"])
+
+
+@pytest.mark.parametrize("stack", ["dev", "prod"])
+def test_a_deployment_with_an_hpa_and_a_scaled_object_is_refused(pack: ModuleType, stack: str) -> None:
+    found = violations(pack, [DEPLOYMENT, HPA, SCALED_OBJECT, PDB], stack)
+    assert list(found) == ["one-autoscaler"], found
+    (message,) = found["one-autoscaler"]
+    assert "Deployment/m in models has 2 autoscalers (HorizontalPodAutoscaler/m, ScaledObject/m)" in message
+    # Another Deployment, another namespace or another kind is not the same target.
+    elsewhere = copy.deepcopy(SCALED_OBJECT)
+    elsewhere["metadata"]["namespace"] = "other"
+    assert "one-autoscaler" not in violations(pack, [DEPLOYMENT, HPA, elsewhere, PDB], stack)
+    other = copy.deepcopy(SCALED_OBJECT)
+    other["spec"]["scaleTargetRef"] = {"kind": "StatefulSet", "name": "m"}
+    assert "one-autoscaler" not in violations(pack, [DEPLOYMENT, HPA, other, PDB], stack)
+
+
 def test_environment_from_policy_config_or_stack_name(pack: ModuleType) -> None:
     tagged = broken(lambda o: container(o).update(image="registry/m:1"))
     assert "pinned-images" in violations(pack, [tagged], "prod")

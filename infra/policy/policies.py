@@ -176,12 +176,35 @@ def _selects(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
     return True
 
 
+def _autoscaler_target(obj: Obj) -> tuple[str, str, str] | None:
+    """(namespace, kind, name) an HPA or a KEDA ScaledObject scales; None for any other object.
+
+    A ScaledObject's scaleTargetRef.kind defaults to Deployment (KEDA's default).
+    """
+    kind = obj.get("kind")
+    if kind == "HorizontalPodAutoscaler":
+        default = ""
+    elif kind == "ScaledObject" and str(obj.get("apiVersion", "")).startswith("keda.sh/"):
+        default = "Deployment"
+    else:
+        return None
+    ref = (obj.get("spec") or {}).get("scaleTargetRef") or {}
+    return (obj.get("metadata") or {}).get("namespace") or "", ref.get("kind") or default, ref.get("name") or ""
+
+
+def _min_replicas(obj: Obj) -> int:
+    spec = obj.get("spec") or {}
+    if obj.get("kind") == "ScaledObject":
+        return int(spec.get("minReplicaCount", 0))  # KEDA's default is 0: scale to zero
+    return int(spec.get("minReplicas", 1))
+
+
 def prod_high_availability(objs: Iterable[Obj], env: str) -> list[str]:
-    """Prod: every Deployment runs >= 2 replicas (spec.replicas, or its HPA's minReplicas) and has a PDB."""
+    """Prod: every Deployment runs >= 2 replicas (spec.replicas, or its autoscaler's minimum) and has a PDB."""
     if env != "prod":
         return []
     objs = list(objs)
-    hpas = [o for o in objs if o.get("kind") == "HorizontalPodAutoscaler"]
+    scalers = [o for o in objs if _autoscaler_target(o) is not None]
     pdbs = [o for o in objs if o.get("kind") == "PodDisruptionBudget"]
     out = []
     for d in (o for o in objs if o.get("kind") == "Deployment"):
@@ -189,11 +212,9 @@ def prod_high_availability(objs: Iterable[Obj], env: str) -> list[str]:
         name, ns = meta.get("name"), meta.get("namespace")
         spec = d.get("spec") or {}
         replicas = spec.get("replicas")
-        for h in hpas:
-            target = (h.get("spec") or {}).get("scaleTargetRef") or {}
-            same_ns = (h.get("metadata") or {}).get("namespace") == ns
-            if same_ns and target.get("kind") == "Deployment" and target.get("name") == name:
-                replicas = (h.get("spec") or {}).get("minReplicas", 1)
+        for h in scalers:
+            if _autoscaler_target(h) == (ns or "", "Deployment", name):
+                replicas = _min_replicas(h)
         if replicas is None:
             replicas = 1  # the API default
         if replicas < 2:
@@ -209,9 +230,29 @@ def prod_high_availability(objs: Iterable[Obj], env: str) -> list[str]:
     return out
 
 
+def one_autoscaler(objs: Iterable[Obj], env: str) -> list[str]:
+    """A workload has at most one autoscaler: an HPA and a KEDA ScaledObject (or two of either) on the same
+    Deployment overwrite each other's replica count, so it flaps between their answers."""
+    by_target: dict[tuple[str, str, str], list[str]] = {}
+    for o in objs:
+        target = _autoscaler_target(o)
+        if target is not None:
+            by_target.setdefault(target, []).append(_name(o))
+    return [
+        f"{kind}/{name} in {ns or 'the default namespace'} has {len(owners)} autoscalers ({', '.join(owners)}); "
+        "keep one: `autoscaling:` in the model's entry replaces the CPU HPA"
+        for (ns, kind, name), owners in sorted(by_target.items())
+        if len(owners) > 1
+    ]
+
+
 STACK_RULES: dict[str, tuple[str, Callable[[Iterable[Obj], str], list[str]]]] = {
     "prod-high-availability": (
         "Prod Deployments run >= 2 replicas and have a PodDisruptionBudget.",
         prod_high_availability,
+    ),
+    "one-autoscaler": (
+        "A workload is scaled by one autoscaler (an HPA or a KEDA ScaledObject), never by two.",
+        one_autoscaler,
     ),
 }
