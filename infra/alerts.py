@@ -100,7 +100,9 @@ class ModelSLO:
         if not self.p99_ms > 0:
             raise UserError(f"{where}: slo.p99_ms {self.p99_ms} must be a positive number of milliseconds")
         if not self.drift_psi > 0 or self.drift_min_rows < 1:
-            raise UserError(f"{where}: drift.psi {self.drift_psi} and drift.min_rows {self.drift_min_rows} must be > 0")
+            raise UserError(
+                f"{where}: drift_psi={self.drift_psi} and drift_min_rows={self.drift_min_rows} must both be > 0"
+            )
         for field in ("error_for", "latency_for", "down_for", "not_ready_for", "drift_window", "drift_for"):
             value = getattr(self, field)
             if not _DURATION.fullmatch(value):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
-from infra.alerts import ALERTS, ModelSLO, rule_file_yaml, rule_groups
+from infra.alerts import ALERT_DRIFT, ALERTS, ModelSLO, rule_file_yaml, rule_groups
 from services.serving.errors import UserError
 
 PROMTOOL = shutil.which("promtool")
@@ -110,3 +110,61 @@ def test_bad_slo_is_a_clear_user_error(kwargs: dict[str, object], message: str) 
 def test_duplicate_model_is_rejected() -> None:
     with pytest.raises(UserError, match="listed twice"):
         rule_groups([STRICT, STRICT])
+
+
+# --- drift (tests/promtool/drift_test.yaml) ---------------------------------------------------------------
+
+DRIFT_TESTS = Path(__file__).parent / "promtool" / "drift_test.yaml"
+
+
+def _drift_models(**kw: object) -> list[ModelSLO]:
+    return [
+        ModelSLO(name=n, namespace="ml", error_ratio=0.01, p99_ms=250, drift=True, **kw)  # type: ignore[arg-type]
+        for n in ("steady", "drifted", "trickle")
+    ]
+
+
+def _drift_workdir(tmp_path: Path, models: list[ModelSLO]) -> Path:
+    (tmp_path / "rules.yaml").write_text(rule_file_yaml(models))
+    shutil.copy(DRIFT_TESTS, tmp_path / DRIFT_TESTS.name)
+    return tmp_path
+
+
+def test_drift_rules_pass_promtool_check_and_unit_tests(tmp_path: Path) -> None:
+    d = _drift_workdir(tmp_path, _drift_models())
+    res = _promtool("check", "rules", d / "rules.yaml")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "SUCCESS: 42 rules found" in res.stdout  # 3 models x (5 SLO + 4 drift recording rules + 4 + 1 alerts)
+    res = _promtool("test", "rules", d / DRIFT_TESTS.name)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fails"),
+    [
+        ({"drift_psi": 5.0}, "DlstackModelDrift"),  # the threshold is applied: 3.8 no longer fires
+        ({"drift_min_rows": 100}, "trickle"),  # the row minimum is what keeps the trickle quiet
+    ],
+)
+def test_drift_unit_tests_fail_when_a_knob_is_not_applied(
+    tmp_path: Path, kwargs: dict[str, object], fails: str
+) -> None:
+    d = _drift_workdir(tmp_path, _drift_models(**kwargs))
+    res = _promtool("test", "rules", d / DRIFT_TESTS.name)
+    assert res.returncode != 0
+    assert fails in res.stdout + res.stderr
+
+
+def test_drift_rules_are_opt_in_and_carry_the_runbook() -> None:
+    assert ALERT_DRIFT not in {r.get("alert") for g in rule_groups([STRICT]) for r in g["rules"]}
+    m = ModelSLO(name="m", namespace="ml", error_ratio=0.01, p99_ms=100, drift=True, drift_window="30m")
+    (group,) = rule_groups([m])
+    records = [r["record"] for r in group["rules"] if "record" in r]
+    assert "model:dlstack_drift_psi:30m" in records and "model:dlstack_drift_rows:30m" in records
+    (alert,) = [r for r in group["rules"] if r.get("alert") == ALERT_DRIFT]
+    assert alert["annotations"]["runbook_url"].endswith("#runbook-dlstackmodeldrift")
+    assert "[30m]" in " ".join(str(r["expr"]) for r in group["rules"])
+    with pytest.raises(UserError, match="drift_window='1 hour' is not a Prometheus duration"):
+        ModelSLO(name="m", namespace="ml", error_ratio=0.01, p99_ms=100, drift_window="1 hour")
+    with pytest.raises(UserError, match="drift_psi=0 and drift_min_rows=500 must both be > 0"):
+        ModelSLO(name="m", namespace="ml", error_ratio=0.01, p99_ms=100, drift_psi=0)
