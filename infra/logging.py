@@ -9,6 +9,11 @@ Credentials are never in config: ECK generates the ``elastic`` user Secret
 or Kibana mounts those Secrets. Retention is an ILM policy (delete after ``retention_days``) bound
 to the log indices by an index template; a setup Job applies both through the Elasticsearch API, and
 a second Job imports the Kibana saved objects through Kibana's ``_import`` API.
+
+Sampled prediction events (``dlstack.predictions``; their inputs may be personal data) have their own
+indices, ILM policy (``predictions_retention_days``, shorter than the logs' by default), an index
+template that stores the tensors without indexing them, and a reader role of their own: reading the
+logs (``dlstack-logs-reader``) does not grant reading predictions (``dlstack-predictions-reader``).
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ _VERSION = re.compile(r"^[0-9]+\.[0-9]+\.[0-9]+$")
 CURL_IMAGE = "curlimages/curl:8.11.1@sha256:c1fe1679c34d9784c1b0d1e5f62ac0a79fca01fb6377cdd33e90473c6f9f9a69"
 BEATS_PORT = logstash.BEATS_PORT
 ILM_POLICY = "dlstack-logs"
+PREDICTIONS_ILM_POLICY = "dlstack-predictions"
+LOGS_READER_ROLE = "dlstack-logs-reader"
+PREDICTIONS_READER_ROLE = "dlstack-predictions-reader"
 JOB_UID = 10001
 SETUP_COMPONENT = "logging-setup"  # pod label app.kubernetes.io/component of the setup Jobs (NetworkPolicy peer)
 
@@ -60,6 +68,9 @@ class LoggingArgs:
     kibana_replicas: int = 1  # default 1
     logstash_replicas: int = 1  # default 1
     index_prefix: str = logstash.INDEX_PREFIX  # default dlstack-logs; Logstash writes <prefix>-YYYY.MM.dd
+    predictions_retention_days: int = 3  # default 3 days; ILM deletes prediction-log indices older than this
+    # default dlstack-predictions; Logstash writes the prediction events to <prefix>-YYYY.MM.dd
+    predictions_index_prefix: str = logstash.PREDICTIONS_INDEX_PREFIX
     pipeline: str | None = None  # default None = infra.logstash.pipeline() for this cluster; Logstash config
     saved_objects: str | None = None  # default None = infra.kibana.saved_objects(); NDJSON for Kibana
     operator_namespace: str | None = None  # default None = namespace; where the ECK operator runs
@@ -75,6 +86,8 @@ class LoggingArgs:
             problems.append(f'version "{self.version}" is not an Elastic stack version (e.g. "8.17.4")')
         if not 1 <= self.retention_days <= 3650:
             problems.append(f"retention_days {self.retention_days} must be between 1 and 3650")
+        if not 1 <= self.predictions_retention_days <= 3650:
+            problems.append(f"predictions_retention_days {self.predictions_retention_days} must be between 1 and 3650")
         for key in ("es_nodes", "kibana_replicas", "logstash_replicas"):
             if getattr(self, key) < 1:
                 problems.append(f"{key} must be >= 1 (got {getattr(self, key)})")
@@ -83,6 +96,12 @@ class LoggingArgs:
                 problems.append(f'{key} "{getattr(self, key)}" is not a Kubernetes quantity (e.g. "1", "2Gi")')
         if not names.matches(names.DNS_LABEL, self.index_prefix):
             problems.append(f'index_prefix "{self.index_prefix}" must be lower-case letters, digits and "-"')
+        if not names.matches(names.DNS_LABEL, self.predictions_index_prefix):
+            problems.append(
+                f'predictions_index_prefix "{self.predictions_index_prefix}" must be lower-case letters, digits and "-"'
+            )
+        elif overlap := logstash.overlapping_prefixes(self.index_prefix, self.predictions_index_prefix):
+            problems.append(overlap)
         if problems:
             raise UserError(f"Logging {name}: " + "; ".join(problems))
 
@@ -129,6 +148,59 @@ def index_template(index_prefix: str, replicas: int) -> dict[str, Any]:
     }
 
 
+def _mapping(fields: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``{"a.b": {...}}`` -> Elasticsearch's nested ``properties`` form."""
+    root: dict[str, Any] = {}
+    for dotted, spec in fields.items():
+        node = root
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {"properties": {}})["properties"]
+        node[leaf] = spec
+    return root
+
+
+def predictions_template(index_prefix: str, replicas: int) -> dict[str, Any]:
+    """The prediction indices' template: their own ILM policy, and mappings fixed up front.
+
+    The tensors (inputs/outputs, or their summaries) differ in type from model to model: dynamically
+    mapped, the first model's floats would make another model's strings fail to index. They are kept
+    in ``_source`` (shown in Kibana) but not indexed (``enabled: false``); the fields searched are typed.
+    """
+    keyword = {"type": "keyword"}
+    return {
+        "index_patterns": [f"{index_prefix}-*"],
+        "priority": 501,  # Elasticsearch refuses two templates of equal priority whose patterns overlap
+        "template": {
+            "settings": {"index.lifecycle.name": PREDICTIONS_ILM_POLICY, "index.number_of_replicas": replicas},
+            "mappings": {
+                "properties": _mapping(
+                    {
+                        "event.dataset": keyword,
+                        "event.duration": {"type": "long"},
+                        "labels.model": keyword,
+                        "labels.model_version": keyword,
+                        "http.request.id": keyword,
+                        "http.response.status_code": {"type": "integer"},
+                        "dlstack.prediction.form": keyword,
+                        "dlstack.prediction.latency_ms": {"type": "float"},
+                        **{f: {"type": "object", "enabled": False} for f in logstash.PREDICTION_TENSOR_FIELDS},
+                    }
+                )
+            },
+        },
+        "_meta": {"managed_by": "dlstack"},
+    }
+
+
+def reader_role(index_prefix: str) -> dict[str, Any]:
+    """An Elasticsearch role that may read ``<index_prefix>-*`` and nothing else (grant it per person)."""
+    return {
+        "indices": [{"names": [f"{index_prefix}-*"], "privileges": ["read", "view_index_metadata"]}],
+        "metadata": {"managed_by": "dlstack"},
+    }
+
+
 def _labels(obj_name: str, component: str, version: str) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": obj_name,
@@ -161,11 +233,15 @@ class Logging(pulumi.ComponentResource):
         pipeline = args.pipeline
         if pipeline is None:
             pipeline = logstash.pipeline(
-                logstash.PipelineArgs(es_cluster_name=args.cluster_name, index_prefix=args.index_prefix)
+                logstash.PipelineArgs(
+                    es_cluster_name=args.cluster_name,
+                    index_prefix=args.index_prefix,
+                    predictions_index_prefix=args.predictions_index_prefix,
+                )
             )
         saved_objects = args.saved_objects
         if saved_objects is None:
-            saved_objects = kibana.to_ndjson(kibana.saved_objects(args.index_prefix))
+            saved_objects = kibana.to_ndjson(kibana.saved_objects(args.index_prefix, args.predictions_index_prefix))
         super().__init__("dlstack:logging:Logging", name, None, opts)
         self.name = name
         self.args = args
@@ -542,19 +618,32 @@ class Logging(pulumi.ComponentResource):
         )
 
     def apply_retention(self, opts: pulumi.ResourceOptions) -> k8s.batch.v1.Job:
-        """A Job that PUTs the ILM policy and the index template binding it to the log indices."""
+        """A Job that PUTs the ILM policies and the index templates binding them to the log and prediction
+        indices, then one reader role per kind of index."""
         a = self.args
         obj_name = f"{a.cluster_name}-ilm-setup"
         replicas = 0 if a.es_nodes == 1 else 1  # a single node can't hold replicas (health stays yellow)
         files = {
             "ilm-policy.json": json.dumps(ilm_policy(a.retention_days), sort_keys=True),
             "index-template.json": json.dumps(index_template(a.index_prefix, replicas), sort_keys=True),
+            "predictions-ilm-policy.json": json.dumps(ilm_policy(a.predictions_retention_days), sort_keys=True),
+            "predictions-index-template.json": json.dumps(
+                predictions_template(a.predictions_index_prefix, replicas), sort_keys=True
+            ),
+            "logs-reader-role.json": json.dumps(reader_role(a.index_prefix), sort_keys=True),
+            "predictions-reader-role.json": json.dumps(reader_role(a.predictions_index_prefix), sort_keys=True),
         }
-        script = self._curl(f"https://{a.es_service}.{a.namespace}.svc:9200") + (
-            'api -X PUT -H "Content-Type: application/json" --data-binary @/setup/ilm-policy.json '
-            f'"$BASE/_ilm/policy/{ILM_POLICY}"\n'
-            'api -X PUT -H "Content-Type: application/json" --data-binary @/setup/index-template.json '
-            f'"$BASE/_index_template/{ILM_POLICY}"\n'
+        put = 'api -X PUT -H "Content-Type: application/json" --data-binary @/setup/'
+        script = self._curl(f"https://{a.es_service}.{a.namespace}.svc:9200") + "".join(
+            f'{put}{file} "$BASE/{path}"\n'
+            for file, path in (
+                ("ilm-policy.json", f"_ilm/policy/{ILM_POLICY}"),
+                ("index-template.json", f"_index_template/{ILM_POLICY}"),
+                ("predictions-ilm-policy.json", f"_ilm/policy/{PREDICTIONS_ILM_POLICY}"),
+                ("predictions-index-template.json", f"_index_template/{PREDICTIONS_ILM_POLICY}"),
+                ("logs-reader-role.json", f"_security/role/{LOGS_READER_ROLE}"),
+                ("predictions-reader-role.json", f"_security/role/{PREDICTIONS_READER_ROLE}"),
+            )
         )
         return self._job(
             f"{self.name}-ilm-setup", obj_name, script, files, f"{a.cluster_name}-es-http-certs-public", opts

@@ -20,7 +20,14 @@ import pytest
 
 from infra import kibana, logstash
 from infra.helm import CHARTS
-from infra.logging import ILM_POLICY, Logging, LoggingArgs
+from infra.logging import (
+    ILM_POLICY,
+    LOGS_READER_ROLE,
+    PREDICTIONS_ILM_POLICY,
+    PREDICTIONS_READER_ROLE,
+    Logging,
+    LoggingArgs,
+)
 from services.serving.errors import UserError
 from tests.k8s_checks import Recorded, manifest_errors, manifests, one, record
 
@@ -31,7 +38,7 @@ def render(**kw: Any) -> list[Recorded]:
 
 @pytest.fixture(scope="module")
 def dev() -> list[dict[str, Any]]:
-    return manifests(render(es_nodes=1, retention_days=3, es_storage="5Gi"))
+    return manifests(render(es_nodes=1, retention_days=3, predictions_retention_days=1, es_storage="5Gi"))
 
 
 @pytest.fixture(scope="module")
@@ -107,14 +114,49 @@ def test_retention_is_an_ilm_policy_bound_to_the_logstash_indices(dev: list[dict
     files = one(dev, "ConfigMap", "dlstack-ilm-setup")["data"]
     policy = json.loads(files["ilm-policy.json"])["policy"]
     assert policy["phases"]["delete"]["min_age"] == "3d"
-    template = json.loads(files["index-template.json"])
-    assert template["template"]["settings"]["index.lifecycle.name"] == ILM_POLICY
-    assert template["template"]["settings"]["index.number_of_replicas"] == 0  # one node: replicas can't be placed
-    # The index Logstash writes today must fall under the template.
+    assert json.loads(files["predictions-ilm-policy.json"])["policy"]["phases"]["delete"]["min_age"] == "1d"
+    templates = {
+        ILM_POLICY: json.loads(files["index-template.json"]),
+        PREDICTIONS_ILM_POLICY: json.loads(files["predictions-index-template.json"]),
+    }
+    for policy_name, template in templates.items():
+        assert template["template"]["settings"]["index.lifecycle.name"] == policy_name
+        assert template["template"]["settings"]["index.number_of_replicas"] == 0  # one node: replicas can't be placed
+    # Each index Logstash writes today falls under exactly one template: the one with its own retention.
     pipe = one(dev, "Logstash")["spec"]["pipelines"][0]["config.string"]
-    (index,) = re.findall(r'index => "([^"]+)"', pipe)
-    today = index.replace("%{+YYYY.MM.dd}", date.today().strftime("%Y.%m.%d"))
-    assert any(fnmatch.fnmatch(today, p) for p in template["index_patterns"])
+    indices = re.findall(r'index => "([^"]+)"', pipe)
+    assert indices == [
+        f"{logstash.PREDICTIONS_INDEX_PREFIX}-%{{+YYYY.MM.dd}}",
+        f"{logstash.INDEX_PREFIX}-%{{+YYYY.MM.dd}}",
+    ]
+    for index, policy_name in zip(indices, (PREDICTIONS_ILM_POLICY, ILM_POLICY), strict=True):
+        today = index.replace("%{+YYYY.MM.dd}", date.today().strftime("%Y.%m.%d"))
+        matching = [n for n, t in templates.items() if any(fnmatch.fnmatch(today, p) for p in t["index_patterns"])]
+        assert matching == [policy_name], today
+
+
+def test_prediction_tensors_are_stored_not_indexed(dev: list[dict[str, Any]]) -> None:
+    """Tensors differ in type between models; dynamically mapped, one model's strings would fail to index."""
+    files = one(dev, "ConfigMap", "dlstack-ilm-setup")["data"]
+    props = json.loads(files["predictions-index-template.json"])["template"]["mappings"]["properties"]
+    prediction = props["dlstack"]["properties"]["prediction"]["properties"]
+    assert prediction["inputs"] == prediction["outputs"] == {"type": "object", "enabled": False}
+    assert prediction["latency_ms"] == {"type": "float"}
+    assert props["http"]["properties"]["response"]["properties"]["status_code"] == {"type": "integer"}
+    assert props["labels"]["properties"]["model"] == {"type": "keyword"}
+
+
+def test_reading_logs_does_not_grant_reading_predictions(dev: list[dict[str, Any]]) -> None:
+    files = one(dev, "ConfigMap", "dlstack-ilm-setup")["data"]
+    logs_role = json.loads(files["logs-reader-role.json"])
+    pred_role = json.loads(files["predictions-reader-role.json"])
+    (logs_indices,) = logs_role["indices"]
+    (pred_indices,) = pred_role["indices"]
+    assert logs_indices["names"] == [f"{logstash.INDEX_PREFIX}-*"]
+    assert pred_indices["names"] == [f"{logstash.PREDICTIONS_INDEX_PREFIX}-*"]
+    today = date.today().strftime("%Y.%m.%d")
+    assert not fnmatch.fnmatch(f"{logstash.PREDICTIONS_INDEX_PREFIX}-{today}", logs_indices["names"][0])
+    assert set(pred_indices["privileges"]) == {"read", "view_index_metadata"}  # read only
 
 
 def test_credentials_are_referenced_never_inlined(prod: list[dict[str, Any]]) -> None:
@@ -172,10 +214,19 @@ def test_ilm_job_puts_policy_then_template(tmp_path: Path, dev: list[dict[str, A
     proc, calls = run_script(tmp_path, script_of(dev, "dlstack-ilm-setup"), '{"acknowledged":true}')
     assert proc.returncode == 0, proc.stderr
     urls = [c["argv"][-1] for c in calls]
+    base = "https://dlstack-es-http.logging.svc:9200"
     assert urls == [
-        f"https://dlstack-es-http.logging.svc:9200/_ilm/policy/{ILM_POLICY}",
-        f"https://dlstack-es-http.logging.svc:9200/_index_template/{ILM_POLICY}",
+        f"{base}/_ilm/policy/{ILM_POLICY}",
+        f"{base}/_index_template/{ILM_POLICY}",
+        f"{base}/_ilm/policy/{PREDICTIONS_ILM_POLICY}",
+        f"{base}/_index_template/{PREDICTIONS_ILM_POLICY}",
+        f"{base}/_security/role/{LOGS_READER_ROLE}",
+        f"{base}/_security/role/{PREDICTIONS_READER_ROLE}",
     ]
+    # Each PUT sends the file the ConfigMap holds for it.
+    files = one(dev, "ConfigMap", "dlstack-ilm-setup")["data"]
+    sent = [c["argv"][c["argv"].index("--data-binary") + 1].removeprefix("@/setup/") for c in calls]
+    assert set(sent) == set(files)
     for call in calls:
         assert "s3cr3t-pw" not in " ".join(call["argv"]), "the password must not be on the command line"
         assert call["stdin"] == 'user = "elastic:s3cr3t-pw"\n'
@@ -199,6 +250,9 @@ def test_kibana_import_job_fails_unless_kibana_reports_success(
         ({"retention_days": 0}, "retention_days 0 must be between 1 and 3650"),
         ({"es_storage": "big"}, 'es_storage "big" is not a Kubernetes quantity'),
         ({"version": "latest"}, 'version "latest" is not an Elastic stack version'),
+        ({"predictions_retention_days": 0}, "predictions_retention_days 0 must be between 1 and 3650"),
+        ({"predictions_index_prefix": "dlstack-logs-pred"}, "index prefixes 'dlstack-logs' .* overlap"),
+        ({"index_prefix": "ml", "predictions_index_prefix": "ml"}, "index prefixes 'ml' .* overlap"),
     ],
 )
 def test_bad_args_create_nothing(kw: dict[str, Any], message: str) -> None:

@@ -21,6 +21,7 @@ from services.serving.errors import UserError
 from tests.conftest import make_torch_mlp_artifact
 from tests.serving import start_server
 
+PREDICTION_SEARCH = kibana.PREDICTION_SEARCH_FIELDS
 MODEL = "log-mlp"
 MARKER = 123.456789  # a request value that must never show up in a log line (payloads are not logged)
 
@@ -142,6 +143,11 @@ def test_pipeline_structure() -> None:
         ({"es_cluster_name": "My ES"}, "es_cluster_name 'My ES'"),
         ({"index_prefix": "Logs_"}, "index_prefix 'Logs_'"),
         ({"beats_port": 0}, "beats_port 0"),
+        ({"predictions_index_prefix": "Pred"}, "predictions_index_prefix 'Pred'"),
+        (
+            {"predictions_index_prefix": "dlstack-logs-p"},
+            "'dlstack-logs' (logs) and 'dlstack-logs-p' (predictions) overlap",
+        ),
     ],
 )
 def test_bad_pipeline_args(kw: dict[str, Any], message: str) -> None:
@@ -151,7 +157,7 @@ def test_bad_pipeline_args(kw: dict[str, Any], message: str) -> None:
 
 def test_kibana_objects_use_only_contract_fields(tmp_path: Path) -> None:
     objects = kibana.saved_objects()
-    view, search = objects
+    view, search, pred_view, failed, slowest = objects
     assert view["type"] == "index-pattern" and view["attributes"]["timeFieldName"] == "@timestamp"
     # The data view matches the indices the pipeline writes.
     assert view["attributes"]["title"] == f"{logstash.INDEX_PREFIX}-*"
@@ -166,7 +172,18 @@ def test_kibana_objects_use_only_contract_fields(tmp_path: Path) -> None:
     broken = kibana.errors_search(query='labels.modle : "x" and http.response.status_code >= 500')
     assert kibana.unknown_fields(broken) == {"labels.modle"}
     ndjson = kibana.to_ndjson(objects)
-    assert [json.loads(line)["id"] for line in ndjson.splitlines()] == [view["id"], search["id"]]
+    assert [json.loads(line)["id"] for line in ndjson.splitlines()] == [o["id"] for o in objects]
+    # The prediction view covers the prediction indices only; its searches use only prediction-event fields.
+    assert pred_view["attributes"]["title"] == f"{logstash.PREDICTIONS_INDEX_PREFIX}-*"
+    assert f'index => "{logstash.PREDICTIONS_INDEX_PREFIX}-%{{+YYYY.MM.dd}}"' in pipeline()
+    for s in (failed, slowest):
+        assert s["references"][0]["id"] == pred_view["id"]
+        assert kibana.unknown_fields(s, kibana.PREDICTION_SEARCH_FIELDS) == set()
+    assert slowest["attributes"]["sort"][0] == ["dlstack.prediction.latency_ms", "desc"]
+    assert kibana.unknown_fields(failed) == set()
+    assert kibana.unknown_fields(kibana.failed_predictions_search("error.message : *"), PREDICTION_SEARCH) == {
+        "error.message"
+    }
 
 
 def _errors_search_matches_the_error_lines(server_log: tuple[list[str], dict[str, int]]) -> None:
