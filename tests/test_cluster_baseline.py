@@ -235,3 +235,47 @@ def test_invalid_args_fail_before_anything_is_created() -> None:
         "ha needs ingress_replicas >= 2 (got 1)"
     )
     assert mocks.resources == []
+
+
+# ---------------------------------------------------------------------------------------------
+# KEDA: only when a model autoscales on load
+
+
+@pytest.fixture(scope="module")
+def with_keda() -> RecordingMocks:
+    return _render(ClusterBaselineArgs(keda=True, ha=True, ingress_replicas=2, kind=False))
+
+
+def test_keda_is_a_pinned_chart_in_its_own_restricted_namespace(with_keda: RecordingMocks, dev: RecordingMocks) -> None:
+    assert "keda" not in {r.inputs["name"] for r in dev.of_type(HELM_RELEASE)}
+    assert "keda" not in {o["metadata"]["name"] for o in dev.k8s_objects("Namespace")}
+    (rel,) = [r.inputs for r in with_keda.of_type(HELM_RELEASE) if r.inputs["name"] == "keda"]
+    assert (rel["chart"], rel["version"], rel["repositoryOpts"]["repo"]) == (
+        "keda",
+        CHARTS["keda"].version,
+        "https://kedacore.github.io/charts",
+    )
+    assert rel["namespace"] == "keda"
+    values = rel["values"]
+    assert values["crds"] == {"install": True}  # the ScaledObjects need KEDA's CRDs
+    assert values["operator"]["replicaCount"] == 2 and values["podDisruptionBudget"]["operator"] == {"minAvailable": 1}
+    ns = with_keda.k8s_object("Namespace", "keda")["metadata"]["labels"]
+    assert ns["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_keda_adds_exactly_its_prometheus_flow(with_keda: RecordingMocks) -> None:
+    egress, ingress, deny = _flows(with_keda)
+    keda = "keda/app.kubernetes.io/name=keda-operator"
+    assert (keda, PROM, "TCP/9090") in ingress
+    # keda is not a default-deny namespace (like kube-system): only Prometheus' side is opened.
+    assert "keda" not in deny and not any(src.startswith("keda/") for src, _, _ in egress)
+    without, ingress_without, _ = _flows(_render(ClusterBaselineArgs(ha=True, ingress_replicas=2, kind=False)))
+    assert egress == without and ingress - ingress_without == {(keda, PROM, "TCP/9090")}
+
+
+def test_keda_namespace_must_not_be_a_stack_namespace() -> None:
+    mocks = RecordingMocks()
+    bad = ClusterBaselineArgs(keda=True, keda_namespace="monitoring")
+    with pytest.raises(UserError, match='keda_namespace "monitoring" must differ from'):
+        run_program(lambda: ClusterBaseline("baseline", bad), mocks=mocks)
+    assert mocks.resources == []
