@@ -372,6 +372,8 @@ class ElasticsearchConfig(_Strict):
 class LoggingConfig(_Strict):
     version: str = "8.17.4"  # default 8.17.4; Elastic stack version run by ECK
     retention_days: Int = Field(default=7, ge=1, le=3650)  # default 7 days; ILM deletes older indices
+    # default 3 days; ILM deletes older prediction-log indices (sampled inputs may be personal data)
+    predictions_retention_days: Int = Field(default=3, ge=1, le=3650)
     elasticsearch: ElasticsearchConfig = ElasticsearchConfig()
     kibana_replicas: Int = Field(default=1, ge=1, le=100)  # default 1
     logstash_replicas: Int = Field(default=1, ge=1, le=100)  # default 1
