@@ -25,7 +25,16 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models.dashboard import DataSourceRef, Threshold, ThresholdsMode
 
-from infra.alerts import CANARY_SUFFIX, ERROR_RATIO, INFER_ROUTES, LATENCY_P50, LATENCY_P99, REQUESTS_RATE
+from infra.alerts import (
+    CANARY_SUFFIX,
+    DRIFT_GROUP_PSI,
+    DRIFT_PSI,
+    ERROR_RATIO,
+    INFER_ROUTES,
+    LATENCY_P50,
+    LATENCY_P99,
+    REQUESTS_RATE,
+)
 from services.serving import names
 from services.serving.errors import UserError
 
@@ -133,11 +142,15 @@ def model_dashboard(
     error_ratio: float | None = None,
     p99_ms: float | None = None,
     deployment: str = "",
+    drift_window: str = "",
+    drift_psi: float = 0.2,
 ) -> dict[str, Any]:
     """The per-model dashboard: traffic, errors, latency, batching, CPU/memory against requests, replicas.
 
     ``error_ratio``/``p99_ms`` (default None = no line) draw the SLO on the error and latency
     panels; ``deployment`` (default "" = model name) is the Deployment kube-state-metrics reports.
+    ``drift_window`` (default "" = no drift row; the ``ModelSLO.drift_window`` of a model with drift
+    on) adds the drift score, with ``drift_psi`` (default 0.2) as its alert line.
     """
     _check_names(namespace, [model])
     sel = f'namespace="{namespace}", model="{model}"'
@@ -242,6 +255,22 @@ def model_dashboard(
             )
         )
     )
+    if drift_window:
+        psi, by_group = (t.format(window=drift_window) for t in (DRIFT_PSI, DRIFT_GROUP_PSI))
+        builder = builder.with_row(dash_b.Row("Drift")).with_panel(
+            _panel(
+                f"Drift score (PSI vs reference, {drift_window})",
+                "short",
+                [
+                    (f"{psi}{{{sel}}}", "score {{version}}"),
+                    (f"{by_group}{{{sel}}}", "{{version}} {{tensor}}/{{group}}"),
+                ],
+                slo=drift_psi,
+                desc="Population stability index of the sampled inputs and outputs against the reference registered "
+                "with the model (--reference-data): the score is the worst feature group; staying above the red line "
+                "fires DlstackModelDrift. Under 0.1 is no shift, 0.1-0.2 moderate, over 0.2 major.",
+            )
+        )
     return _encode(builder)
 
 

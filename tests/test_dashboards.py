@@ -148,3 +148,23 @@ def test_rule_file_yaml_round_trips() -> None:
 
     text = rule_file_yaml([ModelSLO(MODEL, NS, 0.01, 250)])
     assert YAML(typ="safe").load(text) == {"groups": rule_groups([ModelSLO(MODEL, NS, 0.01, 250)])}
+
+
+def test_drift_panel_shows_the_recorded_score_and_its_alert_line() -> None:
+    assert not [p for p in model_dashboard(MODEL, NS)["panels"] if p.get("title", "").startswith("Drift")]
+    d = model_dashboard(MODEL, NS, drift_window="1h", drift_psi=0.25)
+    panel = _panel(d, "Drift score")
+    assert [s["value"] for s in panel["fieldConfig"]["defaults"]["thresholds"]["steps"]] == [None, 0.25]
+    exprs = [q.expr for q in queries(d) if q.panel.startswith("Drift")]
+    assert exprs == [
+        f'model:dlstack_drift_psi:1h{{namespace="{NS}", model="{MODEL}"}}',
+        f'model_group:dlstack_drift_psi:1h{{namespace="{NS}", model="{MODEL}"}}',
+    ]
+    # the records it reads are the ones a drift-enabled model's rule group writes
+    recorded = {
+        r["record"]
+        for g in rule_groups([ModelSLO(MODEL, NS, 0.01, 250, drift=True)])
+        for r in g["rules"]
+        if "record" in r
+    }
+    assert {m for e in exprs for m, _ in SELECTOR.findall(e)} <= recorded
