@@ -64,15 +64,28 @@ def _stack_copy(dest: Path, ref: str) -> Path:
     return dest
 
 
+def _rps_autoscaled(path: Path) -> Path:
+    """``path`` with ``autoscaling: {metric: rps}`` (no target: it waits for a measurement) on mnist-mlp."""
+    text = path.read_text()
+    slo = re.search(r"\n( +)slo: [^\n]*\n", text)
+    assert slo, "no slo line in the stack copy"
+    at = slo.end()
+    path.write_text(text[:at] + f"{slo.group(1)}autoscaling: {{metric: rps}}\n" + text[at:])
+    return path
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One real measurement through the CLI, writing a plot, a JSON report and a copy of Pulumi.dev.yaml
-    whose mnist-mlp entry runs exactly the measured artifact (mnist-mlp:1 in a fresh registry)."""
+    whose mnist-mlp entry runs exactly the measured artifact (mnist-mlp:1 in a fresh registry) and asks
+    for autoscaling on rps without a target: the measurement gives it one."""
     tmp = tmp_path_factory.mktemp("capacity")
     artifact = make_torch_mlp_artifact(tmp / "artifact", name="mnist-mlp")
     registry = Registry(tmp / "registry")
     assert registry.register(artifact, "mnist-mlp", "pytorch").version.version == "1"
-    stack = _stack_copy(tmp / "Pulumi.dev.yaml", "mnist-mlp:1")
+    stack = _rps_autoscaled(_stack_copy(tmp / "Pulumi.dev.yaml", "mnist-mlp:1"))
+    with pytest.raises(UserError, match=r"dlstack:models\[0\]\.autoscaling\.target: is required: no measured"):
+        load_stack_config("dev", stack)
     res = _cli(
         artifact,
         "--target-rps", TARGET_RPS, "--p99-ms", P99_MS, "--cpu", "1", "--duration-s", "8",
@@ -130,17 +143,27 @@ def _plot_is_a_readable_png(run: dict[str, Any]) -> None:
 
 def _write_config_updates_the_entry_and_keeps_comments(run: dict[str, Any]) -> None:
     rec = run["report"]["recommendation"]
-    before = _stack_copy(run["tmp"] / "before.yaml", "mnist-mlp:1").read_text().splitlines()
+    before = _rps_autoscaled(_stack_copy(run["tmp"] / "before.yaml", "mnist-mlp:1")).read_text().splitlines()
     after = run["stack"].read_text().splitlines()
     assert [x for x in before if "#" in x] == [x for x in after if "#" in x]  # every comment kept, in place
-    changed = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
+    added = [x for x in after if x.lstrip().startswith("capacity:")]
+    assert len(added) == 1 and len(after) == len(before) + 1  # one new line: the measured capacity
+    changed = [(a, b) for a, b in zip(before, [x for x in after if x not in added], strict=True) if a != b]
     assert len(changed) <= 2 and all(b.lstrip().startswith(("replicas:", "resources:")) for _, b in changed)
     cfg = load_stack_config("dev", run["stack"])
     entry = cfg.model("mnist-mlp")
     assert (entry.replicas.min, entry.replicas.max) == (rec["replicas_min"], rec["replicas_max"])
     assert entry.replicas.target_cpu_percent == rec["target_cpu_percent"]
     assert (entry.resources.cpu, entry.resources.memory) == (rec["cpu"], rec["memory"])
-    original = load_stack_config("dev", run["tmp"] / "before.yaml")
+    # The measured per-replica req/s (4 significant digits), the headroom and the UTC day of the run.
+    assert entry.capacity is not None
+    assert math.isclose(entry.capacity.per_replica_rps, rec["per_replica_rps"], rel_tol=1e-3)
+    assert entry.capacity.headroom == rec["headroom"] == 0.3
+    assert re.fullmatch(r"20[0-9]{2}-[01][0-9]-[0-3][0-9]", entry.capacity.measured)
+    # ... which is now the default target of autoscaling on rps: capacity less the headroom.
+    assert entry.load_target == round(entry.capacity.per_replica_rps / 1.3, 3)
+    assert "the default target of autoscaling on rps" in run["stdout"]
+    original = load_stack_config("dev", run["tmp"] / "before.yaml", unmeasured_ok=True)
     others = [m.name for m in original.models if m.name != "mnist-mlp"]
     assert others and all(cfg.model(n) == original.model(n) for n in others)
 
@@ -183,6 +206,36 @@ def test_write_config_never_lands_an_invalid_file(tmp_path: Path) -> None:
         write_config("dev", "mnist-mlp", _rec(cpu="2 cores"), stack)
     assert stack.read_text() == text
     assert not [p for p in tmp_path.iterdir() if p.name != stack.name]  # no temp file left behind
+
+
+def test_write_config_records_the_capacity_in_the_entry_byte_for_byte(tmp_path: Path) -> None:
+    stack = _rps_autoscaled(_stack_copy(tmp_path / "Pulumi.dev.yaml", "mnist-mlp:1"))
+    before = stack.read_bytes()
+    write_config("dev", "mnist-mlp", _rec(per_replica_rps=123.456789), stack, measured="2026-11-28")
+    after = stack.read_bytes()
+    # Replicas and resources as before; capacity is one new flow line at the end of the entry.
+    line = b"      capacity: {per_replica_rps: 123.5, headroom: 0.3, measured: '2026-11-28'}\n"
+    assert after.count(line) == 1
+    entry_end = after.index(line)
+    assert after[entry_end + len(line) :].startswith(b"    - name: tiny-cnn")
+    assert after.replace(line, b"").count(b"\n") == before.count(b"\n")
+    cfg = load_stack_config("dev", stack)
+    assert cfg.model("mnist-mlp").load_target == round(123.5 / 1.3, 3)
+    assert cfg.model("tiny-cnn").capacity is None
+    # A new measurement replaces the values in place; nothing else moves.
+    write_config("dev", "mnist-mlp", _rec(per_replica_rps=80.0, headroom=0.2), stack, measured="2026-12-01")
+    again = stack.read_bytes()
+    assert again == after.replace(
+        line, b"      capacity: {per_replica_rps: 80.0, headroom: 0.2, measured: '2026-12-01'}\n"
+    )
+    assert load_stack_config("dev", stack).model("mnist-mlp").load_target == round(80 / 1.2, 3)
+
+
+def test_write_config_without_a_day_writes_the_sizing_only(tmp_path: Path) -> None:
+    stack = _stack_copy(tmp_path / "Pulumi.dev.yaml", "mnist-mlp:1")
+    write_config("dev", "mnist-mlp", _rec(), stack)
+    assert b"capacity:" not in stack.read_bytes()
+    assert load_stack_config("dev", stack).model("mnist-mlp").replicas.min == 3
 
 
 def _measurement(steps: list[Step], cpu: float = 1.0, pss: int = 300 * MI) -> Measurement:
