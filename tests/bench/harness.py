@@ -127,6 +127,38 @@ def dlstack_cmd(artifact: Path, port: int, workers: int = 2) -> list[str]:
     ]
 
 
+UVICORN_WORKER = "uvicorn_worker.UvicornWorker"
+ASGI_APP = "services.serving.server.asgi:create_app()"
+
+
+def uvicorn_available() -> str | None:
+    """Why the uvicorn-worker server cannot run here, or None when it can."""
+    import importlib.util
+
+    needs = {
+        "uvicorn_worker": "uvicorn-worker is not installed (requirements-dev.txt)",
+        "services.serving.server.asgi": "services/serving/server/asgi.py does not exist yet",
+    }
+    for module, why in needs.items():
+        if importlib.util.find_spec(module) is None:
+            return why
+    return None
+
+
+def uvicorn_cmd(artifact: Path, port: int, workers: int = 2) -> list[str]:
+    """dlstack's gunicorn settings and ASGI front end, with uvicorn's worker (httptools + uvloop) instead of ours.
+
+    The command line overrides gunicorn_conf's bind, workers and worker class; DLSTACK_ARTIFACT_DIR must be set
+    in the environment (``uvicorn_env``), as ``dlstack serve`` would set it.
+    """
+    return [sys.executable, "-m", "gunicorn", "-c", "python:services.serving.server.gunicorn_conf",
+            "-k", UVICORN_WORKER, "-b", f"127.0.0.1:{port}", "-w", str(workers), ASGI_APP]  # fmt: skip
+
+
+def uvicorn_env(artifact: Path) -> dict[str, str]:
+    return {"DLSTACK_ARTIFACT_DIR": str(artifact.resolve())}
+
+
 def naive_cmd(port: int, workers: int = 2) -> list[str]:
     gunicorn = str(Path(sys.executable).parent / "gunicorn")
     return [gunicorn, "-w", str(workers), "-b", f"127.0.0.1:{port}", "tests.bench.naive_server:app"]

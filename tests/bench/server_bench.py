@@ -17,7 +17,9 @@ import json
 import multiprocessing
 import os
 import platform
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,10 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import requests
 
-from tests.bench import harness, wrk
-from tests.bench.models import build_model, with_batching
+from tests.bench import floor_server, harness, hostile_load, wrk
+from tests.bench.models import build_model
 
 
 @dataclass(frozen=True)
@@ -120,10 +123,90 @@ def serving(name: str, cmd: Callable[[int], list[str]], workdir: Path, env: dict
         server.stop()
 
 
+@contextmanager
+def stalled_connections(server: harness.Server, conns: int, workdir: Path) -> Iterator[dict[str, int]]:
+    """``conns`` stalled connections (tests/bench/hostile_load.py) held on ``server`` for the ``with`` body.
+
+    The dict it yields is filled, on exit, with what the helper saw; ``held`` < ``conns`` there means the
+    load was not held for the whole measurement.
+    """
+    summary: dict[str, int] = {}
+    out = workdir / f"stalled-{server.port}.json"
+    with out.open("wb") as f:
+        proc = subprocess.Popen(hostile_load.stalled_cmd(server.port, conns), stdout=f, stderr=subprocess.STDOUT,
+                                cwd=harness.ROOT, env={**os.environ, "PYTHONPATH": str(harness.ROOT)})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while _established(server.port, proc.pid) < conns:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"stalled-connection helper did not open {conns} connections: {out.read_text()}")
+            time.sleep(0.05)
+        yield summary
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        text = out.read_text().strip()
+        if text:
+            summary.update(json.loads(text.splitlines()[-1]))
+
+
+def _established(port: int, pid: int) -> int:
+    """TCP connections of process ``pid`` to ``port`` that are established."""
+    try:
+        conns = psutil.Process(pid).connections(kind="tcp")
+    except psutil.NoSuchProcess:
+        return 0
+    return sum(1 for c in conns if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED)
+
+
+def mean_batch(server: harness.Server) -> float | None:
+    """Mean rows per forward pass so far, from the server's own dlstack_batch_size histogram."""
+    try:
+        text = requests.get(f"{server.url}/metrics", timeout=10).text
+    except requests.RequestException:
+        return None
+    total = {"sum": 0.0, "count": 0.0}
+    for line in text.splitlines():
+        for k in total:
+            if line.startswith(f"dlstack_batch_size_{k}{{"):
+                total[k] += float(line.rsplit(" ", 1)[1])
+    return total["sum"] / total["count"] if total["count"] else None
+
+
+def check_floor(server: harness.Server, artifact: Path) -> None:
+    """The floor decodes what dlstack decodes: both encodings answer 200, a wrong shape 400."""
+    in_name, _, x = _sample(artifact)
+    for body, headers in (harness.json_body(in_name, x), harness.binary_body(in_name, x)):
+        r = requests.post(server.infer_url("floor"), data=body, headers=headers, timeout=30)
+        if r.status_code != 200:
+            raise AssertionError(f"floor answered {r.status_code} {r.text[:200]} to a valid request")
+    body, headers = harness.json_body(in_name, np.zeros((1, 3), dtype=np.float32))
+    r = requests.post(server.infer_url("floor"), data=body, headers=headers, timeout=30)
+    if r.status_code != 400:
+        raise AssertionError(f"floor answered {r.status_code} to a wrongly shaped input, expected 400")
+
+
+@dataclass
+class Run:
+    """One measured series: a server driven with one body encoding, at some connection counts."""
+
+    label: str  # the point's server label
+    server: harness.Server
+    artifact: Path
+    encoding: str = "json"
+    max_conns_only: bool = False  # only measured at the largest connection count
+    stalled: int = 0  # stalled connections held open on the server while this run's rounds are measured
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     duration = 3.0 if args.quick else args.duration
     round_s = max(1.0, duration / args.rounds)
     conns = args.connections
+    c_max = max(conns)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dlstack-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     log = print if not args.json_only else (lambda *a, **k: None)
@@ -132,13 +215,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cold: dict[str, float] = {}
     inproc: dict[str, float] = {}
     expected: dict[str, np.ndarray] = {}
+    batches: dict[str, float] = {}
+    stalled: list[dict[str, int]] = []
+    probes: dict[str, list[dict[str, Any]]] = {}
+    notes: list[str] = []
     base_env = {"PYTHONPATH": str(harness.ROOT), "OMP_NUM_THREADS": "1"}
+    dl_env = {**base_env, **({"DLSTACK_MAX_BATCH_SIZE": str(args.max_batch_size)} if args.max_batch_size else {})}
+    uvicorn_missing = harness.uvicorn_available()
+    if uvicorn_missing:
+        notes.append(f"uvicorn worker not measured: {uvicorn_missing}")
 
+    # Packaged with defaults: model.yaml leaves serving.max_batch_size unset (auto).
     artifacts = {m: build_model(m, workdir / "models" / m) for m in args.models}
-    batched = {
-        m: with_batching(a, workdir / "models" / f"{m}-batch{args.max_batch_size}", args.max_batch_size)
-        for m, a in artifacts.items()
-    }
     # torch runs in a child process: mapped into this process, it would share (and so shrink) the servers' PSS.
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         for model, art in artifacts.items():
@@ -152,23 +240,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         body, headers = harness.json_body(in_name, x) if encoding == "json" else harness.binary_body(in_name, x)
         return wrk.run(server.infer_url(model), body, headers, connections=c, duration_s=seconds)[0]
 
-    def servers(model: str, art: Path) -> list[tuple[str, Callable[[int], list[str]], dict[str, str], Path]]:
-        out: list[tuple[str, Callable[[int], list[str]], dict[str, str], Path]] = [
-            ("naive", harness.naive_cmd, {**base_env, "NAIVE_MODEL_DIR": str(art)}, art),
-            ("dlstack", partial(harness.dlstack_cmd, batched[model]), base_env, batched[model]),
+    Spec = tuple[str, Callable[[int], list[str]], dict[str, str]]
+
+    def servers(model: str, art: Path) -> list[Spec]:
+        out: list[Spec] = [
+            ("naive", harness.naive_cmd, {**base_env, "NAIVE_MODEL_DIR": str(art)}),
+            ("dlstack", partial(harness.dlstack_cmd, art), dl_env),
         ]
         if model == "mnist-mlp":
-            off = with_batching(art, workdir / "models" / f"{model}-batch1", 1)
-            out.append(("dlstack-nobatch", partial(harness.dlstack_cmd, off), base_env, off))
+            out.append(
+                ("dlstack-nobatch", partial(harness.dlstack_cmd, art), {**base_env, "DLSTACK_MAX_BATCH_SIZE": "1"})
+            )
+            shape = tuple(_input_shape(art))
+            out.append(("floor", lambda port: floor_server.cmd(args.floor, port, shape), base_env))
+            if not uvicorn_missing:
+                out.append(
+                    ("dlstack-uvicorn", partial(harness.uvicorn_cmd, art), {**dl_env, **harness.uvicorn_env(art)})
+                )
         return out
 
     # Phase 1, each server alone: cold start, then PSS after a short warm-up load (nothing else maps torch).
     for model, art in artifacts.items():
-        for name, cmd, env, a in servers(model, art)[:2]:
+        for name, cmd, env in servers(model, art)[:2]:
             with serving(name, cmd, workdir, env) as srv:
                 cold[f"{name} {model}"] = srv.cold_start_s
-                check_correct(srv, model, a, expected[model])
-                drive(srv, model, "json", max(conns), a, 2.0)
+                check_correct(srv, model, art, expected[model])
+                drive(srv, model, "json", c_max, art, 2.0)
                 memory[f"{name} {model}"] = srv.pss_bytes()
             log(f"{name:16} {model:10} cold start {cold[f'{name} {model}']:.2f} s, "
                 f"PSS {memory[f'{name} {model}'] / 2**20:.0f} MiB", file=sys.stderr)  # fmt: skip
@@ -177,39 +274,97 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # drifts (the machine is shared) hit every server alike.
     for model, art in artifacts.items():
         with ExitStack() as stack:
-            runs = []
-            for name, cmd, env, a in servers(model, art):
-                srv = stack.enter_context(serving(name, cmd, workdir, env))
-                check_correct(srv, model, a, expected[model])
-                drive(srv, model, "json", max(conns), a, 1.0)  # warm-up, not recorded
-                encodings = ("json", "binary") if name == "dlstack" and model == "mnist-mlp" else ("json",)
-                runs += [(srv, enc, a) for enc in encodings]
+            runs: list[Run] = []
+            up: dict[str, harness.Server] = {}
+            for name, cmd, env in servers(model, art):
+                srv = up[name] = stack.enter_context(serving(name, cmd, workdir, env))
+                if name == "floor":
+                    check_floor(srv, art)
+                else:
+                    check_correct(srv, model, art, expected[model])
+                drive(srv, model, "json", c_max, art, 1.0)  # warm-up, not recorded
+                if name in ("dlstack", "floor") and model == "mnist-mlp":
+                    runs += [Run(name, srv, art, "json"), Run(name, srv, art, "binary")]
+                else:
+                    runs.append(Run(name, srv, art, "json", max_conns_only=name not in ("dlstack", "naive")))
+                if name == "dlstack" and model == "mnist-mlp" and args.stalled:
+                    # The same server, measured again while it holds the stalled connections.
+                    runs.append(Run(f"dlstack+{args.stalled} stalled", srv, art, "json", True, args.stalled))
             for c in conns:
                 for _ in range(args.rounds):
-                    for srv, enc, a in runs:
-                        if srv.name == "dlstack-nobatch" and c != max(conns):
+                    for r in runs:
+                        if r.max_conns_only and c != c_max:
                             continue
-                        res = drive(srv, model, enc, c, a, round_s)
-                        rounds.setdefault((srv.name, model, enc, c), []).append(res)
-                for srv, enc, _ in runs:
-                    if (key := (srv.name, model, enc, c)) in rounds:
+                        if r.stalled:
+                            with stalled_connections(r.server, r.stalled, workdir) as seen:
+                                res = drive(r.server, model, r.encoding, c, r.artifact, round_s)
+                            stalled.append(seen)
+                            if seen.get("held", 0) < r.stalled:
+                                raise RuntimeError(f"stalled connections not held for the whole round: {seen}")
+                        else:
+                            res = drive(r.server, model, r.encoding, c, r.artifact, round_s)
+                        rounds.setdefault((r.label, model, r.encoding, c), []).append(res)
+                for r in runs:
+                    if (key := (r.label, model, r.encoding, c)) in rounds:
                         pt = aggregate(key, rounds[key])
-                        log(f"{pt.server:16} {model:10} {enc:6} c={c:<3} {pt.rps:9,.0f} req/s p50 {pt.p50_ms:.2f} ms "
-                            f"p99 {pt.p99_ms:.2f} ms errors {pt.errors}", file=sys.stderr)  # fmt: skip
+                        line = f"{pt.server:20} {model:10} {r.encoding:6} c={c:<3} {pt.rps:9,.0f} req/s"
+                        log(f"{line} p50 {pt.p50_ms:.2f} ms p99 {pt.p99_ms:.2f} ms errors {pt.errors}", file=sys.stderr)
+            for name, srv in up.items():
+                if name.startswith("dlstack") and (rows := mean_batch(srv)) is not None:
+                    batches[f"{name} {model}"] = rows
+            if model == "mnist-mlp":
+                # Robustness of the two workers, after the load so the probes cannot disturb a measurement.
+                only = QUICK_PROBES if args.quick else hostile_load.PROBES
+                for name in ("dlstack", "dlstack-uvicorn"):
+                    if name in up:
+                        srv = up[name]
+                        found = hostile_load.probe_all(
+                            "127.0.0.1", srv.port, partial(_pids, srv), "/v2/health/ready", only
+                        )
+                        probes[name] = [asdict(p) for p in found]
+                        for p in found:
+                            log(
+                                f"probe {name:16} {p.name:40} {'pass' if p.passed else 'FAIL'}: {p.detail}",
+                                file=sys.stderr,
+                            )
 
     points = [aggregate(k, v) for k, v in rounds.items()]
     result: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "loadavg_1m_at_end": os.getloadavg()[0]},
         "settings": {"duration_s": duration, "rounds": args.rounds, "connections": conns, "wrk_threads": 2,
-                     "workers": 2, "max_batch_size": args.max_batch_size,
+                     "workers": 2, "max_batch_size": args.max_batch_size or "model.yaml default (auto)",
+                     "floor": args.floor, "stalled_connections": args.stalled,
                      "note": "wrk runs on the same CPUs as the servers"},
         "points": [asdict(p) for p in points],
         "memory_pss_bytes": memory,
         "cold_start_s": cold,
         "in_process_samples_per_s": inproc,
+        "mean_batch_rows": batches,
+        "stalled_helper": stalled,
+        "probes": probes,
+        "notes": notes,
     }  # fmt: skip
-    result["targets"] = [asdict(t) for t in targets(points, memory, cold, max(conns), args.max_batch_size)]
+    result["targets"] = [asdict(t) for t in targets(points, memory, cold, c_max, args.stalled)]
+    result["worker_choice"] = worker_choice(points, probes, c_max)
     return result
+
+
+QUICK_PROBES = ("repeated headers", "idle connections", "HTTP/2.0 request line", "absolute-form target")
+
+
+def _pids(server: harness.Server) -> list[int]:
+    try:
+        root = psutil.Process(server.proc.pid)
+        return [root.pid, *(p.pid for p in root.children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _input_shape(artifact: Path) -> list[int]:
+    from services.serving.artifact import read_spec
+
+    return list(read_spec(artifact).signature.inputs[0].shape)
 
 
 def aggregate(key: tuple[str, str, str, int], results: list[wrk.WrkResult]) -> Point:
@@ -227,7 +382,7 @@ def _reference(artifact: Path, x: np.ndarray) -> np.ndarray:
         return torch.jit.load(str(artifact / "model.pt"))(torch.from_numpy(x)).numpy()
 
 
-def targets(points: list[Point], memory: dict[str, int], cold: dict[str, float], c: int, mbs: int) -> list[Target]:
+def targets(points: list[Point], memory: dict[str, int], cold: dict[str, float], c: int, stalled: int) -> list[Target]:
     """The issue's targets, evaluated on the points of this run; a missing point is a FAIL."""
 
     def pt(server: str, model: str, enc: str = "json") -> Point | None:
@@ -237,7 +392,8 @@ def targets(points: list[Point], memory: dict[str, int], cold: dict[str, float],
 
     out: list[Target] = []
 
-    def ratio(name: str, goal: float, num: Point | None, den: Point | None, p99: bool) -> None:
+    def ratio(name: str, goal: float, num: Point | None, den: Point | None, p99: str = "") -> None:
+        """num/den req/s >= goal, no errors in either; with ``p99`` (den's label) also num's p99 <= den's."""
         if num is None or den is None:
             out.append(Target(name, f">= {goal}x", "not measured", False))
             return
@@ -248,17 +404,22 @@ def targets(points: list[Point], memory: dict[str, int], cold: dict[str, float],
         if p99:
             ok = ok and num.p99_ms <= den.p99_ms
             measured += f", p99 {num.p99_ms:.1f} vs {den.p99_ms:.1f} ms"
-            goal_s += ", p99 <= naive"
+            goal_s += f", p99 <= {p99}"
         if num.errors or den.errors:
             measured += f", errors {num.errors}/{den.errors}"
         out.append(Target(name, goal_s, measured, ok))
 
-    ratio(f"MLP, JSON, c={c}", 1.5, pt("dlstack", "mnist-mlp"), pt("naive", "mnist-mlp"), True)
-    ratio(f"MLP, binary tensors, c={c} (vs naive JSON)", 2.5, pt("dlstack", "mnist-mlp", "binary"),
-          pt("naive", "mnist-mlp"), False)  # fmt: skip
-    ratio(f"CNN, JSON, c={c}", 1.0, pt("dlstack", "tiny-cnn"), pt("naive", "tiny-cnn"), True)
-    ratio(f"MLP batching on (max {mbs}) vs off, c={c}", 0.95, pt("dlstack", "mnist-mlp"),
-          pt("dlstack-nobatch", "mnist-mlp"), False)  # fmt: skip
+    mlp = "mnist-mlp"
+    ratio(f"MLP, JSON, c={c}", 1.5, pt("dlstack", mlp), pt("naive", mlp), "naive")
+    ratio(f"MLP, binary tensors, c={c} (vs naive JSON)", 2.5, pt("dlstack", mlp, "binary"), pt("naive", mlp))
+    ratio(f"CNN, JSON, c={c}", 1.0, pt("dlstack", "tiny-cnn"), pt("naive", "tiny-cnn"), "naive")
+    ratio(f"MLP batching on (defaults) vs off, c={c}", 0.95, pt("dlstack", mlp), pt("dlstack-nobatch", mlp))
+    ratio(f"MLP, JSON, c={c} vs transport floor JSON", 0.5, pt("dlstack", mlp), pt("floor", mlp))
+    ratio(
+        f"MLP, binary, c={c} vs transport floor binary", 0.65, pt("dlstack", mlp, "binary"), pt("floor", mlp, "binary")
+    )
+    ratio(f"MLP, JSON, c={c}, {stalled} stalled connections vs none", 0.9, pt(f"dlstack+{stalled} stalled", mlp),
+          pt("dlstack", mlp))  # fmt: skip
     dl_mem, nv_mem = memory.get("dlstack mnist-mlp"), memory.get("naive mnist-mlp")
     if dl_mem is None or nv_mem is None:
         out.append(Target("memory (PSS, 2 workers, MLP)", "<= naive", "not measured", False))
@@ -271,11 +432,45 @@ def targets(points: list[Point], memory: dict[str, int], cold: dict[str, float],
     return out
 
 
+UVICORN_MAX_COST = 0.20  # issue 12: keep the library worker unless it costs more than this share of JSON req/s
+
+
+def worker_choice(points: list[Point], probes: dict[str, list[dict[str, Any]]], c: int) -> dict[str, Any]:
+    """Issue 12's rule: prefer uvicorn's worker (a kept library) unless it costs more than 20 % of the MLP JSON
+    req/s at ``c`` connections or fails a robustness probe ours passes."""
+
+    def pt(server: str) -> Point | None:
+        return next((p for p in points if (p.server, p.model, p.encoding, p.connections) ==
+                     (server, "mnist-mlp", "json", c)), None)  # fmt: skip
+
+    ours, uv = pt("dlstack"), pt("dlstack-uvicorn")
+    if ours is None or uv is None or "dlstack-uvicorn" not in probes:
+        return {"choice": "EventLoopWorker", "decided": False,
+                "reason": "uvicorn's worker was not measured in this run; the current worker stays"}  # fmt: skip
+    passed = {name: {p["name"] for p in found if p["passed"]} for name, found in probes.items()}
+    only_ours = sorted(passed.get("dlstack", set()) - passed["dlstack-uvicorn"])
+    cost = 1 - uv.rps / ours.rps if ours.rps else 0.0
+    numbers = (
+        f"JSON c={c}: EventLoopWorker {ours.rps:,.0f} req/s p99 {ours.p99_ms:.1f} ms, UvicornWorker {uv.rps:,.0f} "
+        f"req/s p99 {uv.p99_ms:.1f} ms (uvicorn {'costs' if cost > 0 else 'gains'} {abs(cost):.0%}); probes passed "
+        f"{len(passed.get('dlstack', ()))} vs {len(passed['dlstack-uvicorn'])} of {len(probes['dlstack-uvicorn'])}"
+    )
+    if cost > UVICORN_MAX_COST:
+        choice, why = "EventLoopWorker", f"uvicorn costs more than {UVICORN_MAX_COST:.0%} of the JSON req/s"
+    elif only_ours:
+        choice, why = "EventLoopWorker", f"uvicorn fails probes ours passes: {', '.join(only_ours)}"
+    else:
+        choice, why = "UvicornWorker", f"within {UVICORN_MAX_COST:.0%} of ours and as robust: keep the library"
+    return {"choice": choice, "decided": True, "reason": f"{why}. {numbers}",
+            "uvicorn_cost": cost, "probes_only_ours_pass": only_ours}  # fmt: skip
+
+
 def markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
     lines = [
         f"dlstack server benchmark: {s['duration_s']:g} s per point, wrk 2 threads, 2 workers per server, "
-        f"{result['machine']['cpus']} CPUs shared by wrk and the servers",
+        f"{result['machine']['cpus']} CPUs shared by wrk and the servers; dlstack serves models packaged with "
+        f"defaults; floor = {s['floor']} transport floor (no model)",
         "",
         "| server | model | body | conns | req/s | p50 ms | p90 ms | p99 ms | errors |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
@@ -288,6 +483,21 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", "| target | goal | measured | result |", "|---|---|---|---|"]
     for t in result["targets"]:
         lines.append(f"| {t['name']} | {t['goal']} | {t['measured']} | {'PASS' if t['passed'] else 'FAIL'} |")
+    probes = result.get("probes", {})
+    if probes:
+        names = list(probes)
+        lines += ["", "| hostile probe | " + " | ".join(WORKER_LABELS.get(n, n) for n in names) + " |",
+                  "|---|" + "---|" * len(names)]  # fmt: skip
+        by = {n: {p["name"]: p for p in found} for n, found in probes.items()}
+        for probe in dict.fromkeys(p["name"] for found in probes.values() for p in found):
+            cells = []
+            for n in names:
+                p = by[n].get(probe)
+                cells.append("not run" if p is None else f"{'pass' if p['passed'] else 'FAIL'}: {p['detail']}")
+            lines.append(f"| {probe} | " + " | ".join(cells) + " |")
+    choice = result.get("worker_choice")
+    if choice:
+        lines += ["", f"Worker choice: **{choice['choice']}** — {choice['reason']}"]
     lines += ["", "| extra | value |", "|---|---|"]
     for k, v in result["cold_start_s"].items():
         lines.append(f"| cold start {k} | {v:.2f} s |")
@@ -295,7 +505,17 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| PSS {k} | {v / 2**20:.0f} MiB |")
     for k, v in result["in_process_samples_per_s"].items():
         lines.append(f"| in-process {k} | {v:,.0f} samples/s |")
+    for k, v in result.get("mean_batch_rows", {}).items():
+        lines.append(f"| mean rows per forward pass, {k} | {v:.2f} |")
+    for seen in result.get("stalled_helper", [])[:1]:
+        lines.append(f"| stalled helper (one round) | {seen} |")
+    lines.append(f"| load average (1 min) at the end | {result['machine'].get('loadavg_1m_at_end', 0):.2f} |")
+    for note in result.get("notes", []):
+        lines.append(f"| note | {note} |")
     return "\n".join(lines)
+
+
+WORKER_LABELS = {"dlstack": "EventLoopWorker (ours)", "dlstack-uvicorn": "UvicornWorker"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -306,13 +526,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--connections", type=int, nargs="+", default=[8, 32], help="wrk connection counts (default 8 32)")
     p.add_argument("--models", nargs="+", default=["mnist-mlp", "tiny-cnn"], choices=["mnist-mlp", "tiny-cnn"])
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds per point (default 3)")
-    p.add_argument("--max-batch-size", type=int, default=8, help="dlstack batching setting (default 8)")
+    p.add_argument(
+        "--max-batch-size", type=int, help="DLSTACK_MAX_BATCH_SIZE for dlstack (default: model.yaml's, auto)"
+    )
+    p.add_argument(
+        "--floor",
+        choices=floor_server.IMPLS,
+        default=floor_server.FLOOR_IMPL,
+        help=f"transport floor implementation (default {floor_server.FLOOR_IMPL}, the faster here)",
+    )
+    p.add_argument(
+        "--stalled", type=int, default=200, help="stalled connections of the hostile-load point (default 200)"
+    )
     p.add_argument("--workdir", type=Path, help="keep models and server logs here (default: a temp dir)")
     p.add_argument("--check", action="store_true", help="exit 1 when a target fails")
     p.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.duration <= 0 or min(args.connections) < 1 or args.max_batch_size < 1 or args.rounds < 1:
-        p.error("--duration, --connections, --rounds and --max-batch-size must be positive")
+    if args.duration <= 0 or min(args.connections) < 1 or args.rounds < 1 or args.stalled < 1:
+        p.error("--duration, --connections, --rounds and --stalled must be positive")
+    if args.max_batch_size is not None and args.max_batch_size < 1:
+        p.error("--max-batch-size must be >= 1 (1 = batching off)")
     return args
 
 
@@ -324,6 +557,9 @@ def main(argv: list[str] | None = None) -> int:
         tmp = args.json.with_name(args.json.name + ".tmp")
         tmp.write_text(json.dumps(result, indent=2))
         tmp.replace(args.json)
+    print(
+        f"\nWorker choice: {result['worker_choice']['choice']} ({result['worker_choice']['reason']})", file=sys.stderr
+    )
     failed = [t for t in result["targets"] if not t["passed"]]
     return 1 if args.check and failed else 0
 
