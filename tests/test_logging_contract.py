@@ -1,12 +1,14 @@
-"""The log contract, end to end: every stdout line of a REAL server (2 gunicorn workers) carries the ECS
-fields of infra.logstash.LOG_FIELDS; the Logstash pipeline references exactly those fields; the
-Kibana saved search queries only them.
+"""The log contract, end to end: every stdout line of a REAL server (2 gunicorn workers, prediction log on
+for every request) carries the ECS fields of infra.logstash.LOG_FIELDS (access lines ACCESS_FIELDS,
+prediction events PREDICTION_FIELDS); the Logstash pipeline references exactly those fields; the
+Kibana saved searches query only them, and find the right real lines.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,14 +18,28 @@ import pytest
 import requests
 
 from infra import kibana, logstash
-from infra.logstash import ACCESS_FIELDS, BASE_FIELDS, ERROR_FIELDS, LOG_FIELDS, PipelineArgs, pipeline, ref
+from infra.logstash import (
+    ACCESS_FIELDS,
+    BASE_FIELDS,
+    ERROR_FIELDS,
+    LOG_FIELDS,
+    PREDICTION_FIELDS,
+    PREDICTION_TENSOR_FIELDS,
+    PipelineArgs,
+    pipeline,
+    ref,
+)
 from services.serving.errors import UserError
+from services.serving.server.observe import NO_LOG_HEADER
+from services.serving.server.settings import ServerSettings
 from tests.conftest import make_torch_mlp_artifact
 from tests.serving import start_server
 
 PREDICTION_SEARCH = kibana.PREDICTION_SEARCH_FIELDS
 MODEL = "log-mlp"
-MARKER = 123.456789  # a request value that must never show up in a log line (payloads are not logged)
+# Exact in float32, so written as sent: it shows up in prediction events only, never in an access or server line.
+MARKER = 123.4375
+OPT_OUT_MARKER = 987.5625  # a value only sent with X-Dlstack-Log: off: it must show up nowhere
 
 pytestmark = pytest.mark.xdist_group("logging_contract")
 
@@ -47,10 +63,12 @@ def server_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[
     infer = f"/v2/models/{MODEL}/infer"
     good = {"inputs": [{"name": "input", "shape": [1, 8], "datatype": "FP32", "data": [MARKER] * 8}]}
     bad_shape = {"inputs": [{"name": "input", "shape": [1, 3], "datatype": "FP32", "data": [MARKER] * 3}]}
+    private = {"inputs": [{"name": "input", "shape": [1, 8], "datatype": "FP32", "data": [OPT_OUT_MARKER] * 8}]}
     calls: list[tuple[str, str, dict[str, Any], int]] = [
         ("POST", infer, {"json": good}, 200),
         ("POST", infer, {"json": good}, 200),
         ("POST", infer, {"json": bad_shape}, 400),
+        ("POST", infer, {"json": private, "headers": {NO_LOG_HEADER: "off"}}, 200),
         ("POST", infer, {"data": b"{broken", "headers": {"Content-Type": "application/json"}}, 400),
         ("POST", "/v2/models/unknown/infer", {"json": good}, 404),
         ("POST", infer, {"data": b"[" + b"1," * 1024 + b"1]", "headers": {"Content-Type": "application/json"}}, 413),
@@ -59,7 +77,8 @@ def server_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[
         ("GET", "/metrics", {}, 200),
     ]
     expected: dict[str, int] = {}
-    with start_server(artifact, workers=2, extra_args=["--max-body-bytes", "1024"]) as srv:
+    env = {ServerSettings.env_name("prediction_log_sample"): "1"}
+    with start_server(artifact, workers=2, extra_args=["--max-body-bytes", "1024"], env=env) as srv:
         for method, path, kw, status in calls:
             rid = f"test-{uuid.uuid4()}"
             headers = {**kw.pop("headers", {}), "X-Request-ID": rid}
@@ -67,9 +86,18 @@ def server_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[
             assert r.status_code == status, (path, r.status_code, r.text)
             assert r.headers["X-Request-ID"] == rid
             expected[rid] = status
+        # The good inference requests that did not opt out: their events are written by a background thread.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(_predictions(srv.stdout_lines())) < 3:
+            time.sleep(0.05)
         srv.stop()  # SIGTERM: shutdown lines are part of the contract too
         lines = srv.stdout_lines()
     yield lines, expected
+
+
+def _predictions(lines: list[str]) -> list[dict[str, Any]]:
+    docs = [flatten(json.loads(x)) for x in lines if x.startswith("{")]
+    return [d for d in docs if d.get("event.dataset") == logstash.PREDICTIONS_DATASET]
 
 
 def _every_line_is_ecs_json_with_the_base_fields(server_log: tuple[list[str], dict[str, int]]) -> None:
@@ -103,9 +131,48 @@ def _every_access_line_has_the_access_fields(server_log: tuple[list[str], dict[s
             assert not any(f in d for f in ERROR_FIELDS), d
 
 
-def _payloads_are_never_logged(server_log: tuple[list[str], dict[str, int]]) -> None:
+def _payloads_are_logged_only_in_prediction_events(server_log: tuple[list[str], dict[str, int]]) -> None:
     lines, _ = server_log
-    assert not [x for x in lines if str(MARKER) in x]
+    with_payload = [flatten(json.loads(x)) for x in lines if str(MARKER) in x]
+    assert with_payload, "the prediction log is on: the sent values must appear in prediction events"
+    assert {d["event.dataset"] for d in with_payload} == {logstash.PREDICTIONS_DATASET}
+    assert not [x for x in lines if str(OPT_OUT_MARKER) in x], "X-Dlstack-Log: off must keep a request out"
+
+
+def _every_prediction_event_has_the_prediction_fields(server_log: tuple[list[str], dict[str, int]]) -> None:
+    lines, expected = server_log
+    events = _predictions(lines)
+    by_id = {d["http.request.id"]: d for d in events}
+    assert len(by_id) == len(events), "one event per request"
+    # Requests sent, answered 200 on an inference route and not opted out: each has its event.
+    assert len([s for s in by_id.values() if s["http.response.status_code"] == 200]) == 3
+    for d in events:
+        missing = [f for f in BASE_FIELDS + PREDICTION_FIELDS + PREDICTION_TENSOR_FIELDS if f not in d]
+        assert not missing, f"{missing} missing in {d}"
+        assert d["http.response.status_code"] == expected[d["http.request.id"]]
+        assert isinstance(d["http.response.status_code"], int) and isinstance(d["event.duration"], int)
+        assert isinstance(d["dlstack.prediction.latency_ms"], float) and d["dlstack.prediction.latency_ms"] > 0
+        assert d["labels.model"] == MODEL and d["labels.model_version"] == "1"
+        assert d["dlstack.prediction.form"] in {"full", "summary"}
+        if d["http.response.status_code"] != 200:
+            assert d["dlstack.prediction.outputs"] is None
+
+
+def _prediction_searches_match_the_prediction_lines(server_log: tuple[list[str], dict[str, int]]) -> None:
+    """The failed-predictions query, applied to the real events, finds the non-200 ones; every column of both
+    prediction searches (and the slowest search's sort field) has a value in every event."""
+    lines, expected = server_log
+    events = _predictions(lines)
+    assert (
+        f'event.dataset : "{logstash.PREDICTIONS_DATASET}" and not http.response.status_code : 200'
+        == kibana.FAILED_PREDICTIONS_QUERY
+    )
+    failed = {d["http.request.id"] for d in events if d["http.response.status_code"] != 200}
+    assert failed and failed <= {rid for rid, status in expected.items() if status != 200}
+    for search in (kibana.failed_predictions_search(), kibana.slowest_predictions_search()):
+        for d in events:
+            assert all(c in d for c in search["attributes"]["columns"]), d
+            assert all(f in d for f, _ in search["attributes"]["sort"]), d
 
 
 def test_pipeline_references_exactly_the_contract_fields() -> None:
@@ -199,7 +266,7 @@ def _errors_search_matches_the_error_lines(server_log: tuple[list[str], dict[str
     }
     assert hits == {rid for rid, status in expected.items() if status >= 400}
     for d in docs:
-        if d.get("http.request.id") in hits:
+        if d.get("event.dataset") == logstash.ACCESS_DATASET and d["http.request.id"] in hits:
             assert all(c in d for c in kibana.ERRORS_COLUMNS), d  # every column has a value
 
 
@@ -209,8 +276,10 @@ def test_real_server_logs_meet_the_contract(server_log: tuple[list[str], dict[st
     for check in (
         _every_line_is_ecs_json_with_the_base_fields,
         _every_access_line_has_the_access_fields,
-        _payloads_are_never_logged,
+        _payloads_are_logged_only_in_prediction_events,
         _errors_search_matches_the_error_lines,
+        _every_prediction_event_has_the_prediction_fields,
+        _prediction_searches_match_the_prediction_lines,
     ):
         with subtests.test(msg=check.__name__.strip("_")):
             check(server_log)

@@ -16,6 +16,7 @@ a summary per tensor (shape, min/max/mean, sha256 of its bytes) instead of the v
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import logging
@@ -49,6 +50,7 @@ QUEUE = ServerSettings.model_fields["prediction_log_queue"].default
 # while the consumer stalls (1000 queued 16 MiB image requests would otherwise pin 16 GB).
 QUEUE_BYTES = 64 << 20
 _BATCH = 256  # events written per stdout write at most
+EXIT_FLUSH_S = 2.0  # s a worker that exits gracefully waits for its queued events to be written
 
 WRITTEN = Counter(
     "dlstack_prediction_log_written", "Prediction events written to the prediction log", ["model", "version"]
@@ -141,6 +143,8 @@ class PredictionLog:
                 return
             self._pid = os.getpid()
         threading.Thread(target=self._run, name="dlstack-prediction-log", daemon=True).start()
+        # A graceful exit (SIGTERM, max_requests) writes what is queued, but never waits long on a stalled stdout.
+        atexit.register(self.flush, EXIT_FLUSH_S)
 
     # --- the writer thread ----------------------------------------------------------------------
 
@@ -342,7 +346,7 @@ def install(server: _Served, settings: ServerSettings) -> PredictionLog | None:
     )
     server.observers.append(log)
     logs.event(
-        f"prediction log on: {log.sample:g} of requests, lines up to {log.max_bytes} bytes",
+        f"prediction log on: {log.sample * 100:g}% of requests, lines up to {log.max_bytes} bytes",
         labels__model=server.name,
         labels__model_version=server.version,
     )
