@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import requests
 
-from tests.bench import harness, server_bench, wrk
+from tests.bench import floor_server, harness, hostile_load, server_bench, wrk
 from tests.conftest import free_port, make_torch_mlp_artifact
 
 pytestmark = [
@@ -24,7 +26,8 @@ pytestmark = [
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[harness.Server, harness.Server, Path]]:
     tmp = tmp_path_factory.mktemp("bench")
     art = make_torch_mlp_artifact(tmp / "mlp", name="mlp", sizes=(8, 16, 3))
-    env = {"PYTHONPATH": str(harness.ROOT), "NAIVE_MODEL_DIR": str(art)}
+    # A 1 s header timeout lets the stalled-connection test see the server close and the helper reopen.
+    env = {"PYTHONPATH": str(harness.ROOT), "NAIVE_MODEL_DIR": str(art), "DLSTACK_HEADER_TIMEOUT_S": "1"}
     ports = free_port(), free_port()
     with ThreadPoolExecutor(2) as pool:  # both start at once: torch import dominates
         futures = [
@@ -95,11 +98,90 @@ def test_targets_fail_when_a_point_is_missing_or_has_errors() -> None:
 
     mem, cold = {"dlstack mnist-mlp": 1, "naive mnist-mlp": 2}, {"dlstack mnist-mlp": 1.0}
     good = [pt("naive", 1000, 10), pt("dlstack", 2000, 9), pt("dlstack", 3000, 5, enc="binary")]
-    by_name = {t.name: t for t in server_bench.targets(good, mem, cold, 32, 8)}
+    by_name = {t.name: t for t in server_bench.targets(good, mem, cold, 32, 200)}
     assert by_name["MLP, JSON, c=32"].passed and by_name["MLP, binary tensors, c=32 (vs naive JSON)"].passed
     assert not by_name["CNN, JSON, c=32"].passed and by_name["CNN, JSON, c=32"].measured == "not measured"
     assert by_name["memory (PSS, 2 workers, MLP)"].passed and by_name["cold start MLP"].passed
     slow_tail = [pt("naive", 1000, 10), pt("dlstack", 2000, 11)]
-    assert not server_bench.targets(slow_tail, mem, cold, 32, 8)[0].passed  # p99 worse than naive
+    assert not server_bench.targets(slow_tail, mem, cold, 32, 200)[0].passed  # p99 worse than naive
     errs = [pt("naive", 1000, 10), pt("dlstack", 2000, 9, errors=3)]
-    assert not server_bench.targets(errs, mem, cold, 32, 8)[0].passed
+    assert not server_bench.targets(errs, mem, cold, 32, 200)[0].passed
+    for name in ("MLP, JSON, c=32 vs transport floor JSON", "MLP, JSON, c=32, 200 stalled connections vs none"):
+        assert by_name[name].measured == "not measured" and not by_name[name].passed
+    more = [*good, pt("floor", 4000, 3), pt("floor", 4000, 3, enc="binary"), pt("dlstack+200 stalled", 1700, 9)]
+    by_name = {t.name: t for t in server_bench.targets(more, mem, cold, 32, 200)}
+    assert by_name["MLP, JSON, c=32 vs transport floor JSON"].passed  # 2000/4000 = 0.5
+    assert by_name["MLP, binary, c=32 vs transport floor binary"].passed  # 3000/4000 = 0.75
+    assert not by_name["MLP, JSON, c=32, 200 stalled connections vs none"].passed  # 1700/2000 = 0.85 < 0.9
+
+
+def test_worker_choice_follows_the_issue_rule() -> None:
+    def pt(server: str, rps: float) -> server_bench.Point:
+        return server_bench.Point(server, "mnist-mlp", "json", 32, rps, 1.0, 2.0, 5.0, int(rps), 0)
+
+    def probes(*passed: bool) -> list[dict[str, object]]:
+        return [{"name": f"p{i}", "passed": ok, "detail": ""} for i, ok in enumerate(passed)]
+
+    same = {"dlstack": probes(True, True), "dlstack-uvicorn": probes(True, True)}
+    assert server_bench.worker_choice([pt("dlstack", 1000), pt("dlstack-uvicorn", 850)], same, 32)["choice"] == (
+        "UvicornWorker"  # 15 % slower and as robust: the kept library wins
+    )
+    slow = server_bench.worker_choice([pt("dlstack", 1000), pt("dlstack-uvicorn", 750)], same, 32)
+    assert slow["choice"] == "EventLoopWorker" and "costs 25%" in slow["reason"]
+    weaker = {"dlstack": probes(True, True), "dlstack-uvicorn": probes(True, False)}
+    fragile = server_bench.worker_choice([pt("dlstack", 1000), pt("dlstack-uvicorn", 990)], weaker, 32)
+    assert fragile["choice"] == "EventLoopWorker" and fragile["probes_only_ours_pass"] == ["p1"]
+    assert not server_bench.worker_choice([pt("dlstack", 1000)], same, 32)["decided"]
+
+
+@pytest.fixture(scope="module")
+def floor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[harness.Server]:
+    port = free_port()
+    cmd = floor_server.cmd(floor_server.FLOOR_IMPL, port, (-1, 8))
+    log = tmp_path_factory.mktemp("floor") / "floor.log"
+    with harness.start("floor", cmd, port, log, env={"PYTHONPATH": str(harness.ROOT)}) as server:
+        yield server
+
+
+def test_floor_decodes_like_a_model_server_and_takes_load(
+    floor: harness.Server, servers: tuple[harness.Server, harness.Server, Path]
+) -> None:
+    _, _, art = servers
+    server_bench.check_floor(floor, art)  # both encodings 200, a wrongly shaped input 400
+    body, headers = harness.binary_body("input", np.ones((1, 8), dtype=np.float32))
+    res, raw = wrk.run(floor.infer_url("floor"), body, headers, connections=4, duration_s=1)
+    assert res.requests > 0 and res.errors == 0, raw
+
+
+def test_stalled_connections_are_held_and_reopened(servers: tuple[harness.Server, harness.Server, Path]) -> None:
+    dl, _, _ = servers
+    with server_bench.stalled_connections(dl, 20, Path(dl.log_path).parent) as seen:
+        # The server answers a stalled request's header timeout (1 s here) by closing it; the helper reopens.
+        time.sleep(2.5)
+        assert server_bench._established(dl.port, _helper_pid(dl.port)) == 20
+    assert seen["held"] == 20 and seen["closed_by_server"] >= 20 and seen["opened"] >= 40, seen
+
+
+def _helper_pid(port: int) -> int:
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "tests.bench.hostile_load" in cmd and str(port) in cmd:
+            return int(p.pid)
+    raise AssertionError("no stalled-connection helper running")
+
+
+def test_probes_tell_a_hardened_server_from_a_bare_one(
+    floor: harness.Server, servers: tuple[harness.Server, harness.Server, Path]
+) -> None:
+    dl, _, _ = servers
+    only = ("repeated headers", "HTTP/2.0 request line", "absolute-form target")
+    ours = {p.name: p for p in hostile_load.probe_all("127.0.0.1", dl.port, lambda: [dl.proc.pid], "/", only)}
+    bare = {p.name: p for p in hostile_load.probe_all("127.0.0.1", floor.port, lambda: [floor.proc.pid], "/", only)}
+    assert list(ours) == list(bare) and len(ours) == 3
+    assert ours["HTTP/2.0 request line"].passed, ours
+    assert ours["absolute-form target"].passed, ours
+    # The floor has no header limits and answers anything httptools parses: the probes must see that.
+    assert not bare["5,000 repeated header lines"].passed, bare
+    assert bare["5,000 repeated header lines"].detail == "status 200"
+    with pytest.raises(ValueError, match="unknown probes"):
+        hostile_load.probe_all("127.0.0.1", floor.port, lambda: [], "/", ("nope",))
