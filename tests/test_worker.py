@@ -344,12 +344,14 @@ def connect(worker: EventLoopWorker) -> tuple[HttpConnection, RecordingTransport
 def test_a_bug_in_a_route_is_a_500_with_the_request_id_and_the_connection_lives(
     worker: EventLoopWorker, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def broken() -> object:
-        raise RuntimeError("bug in live")
+    from services.serving.server import lifecycle
 
-    monkeypatch.setattr(worker.views, "live", broken)
+    def broken() -> bool:
+        raise RuntimeError("bug in ready")
+
+    monkeypatch.setattr(lifecycle, "draining", broken)  # what the readiness route asks first
     conn, transport = connect(worker)
-    conn.data_received(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Request-ID: bug-1\r\n\r\n")
+    conn.data_received(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nX-Request-ID: bug-1\r\n\r\n")
     ((code, headers, body),) = responses(bytes(transport.out))
     assert code == 500 and json.loads(body) == {
         "error": "internal error (request id bug-1); the server log has the details",
@@ -358,8 +360,8 @@ def test_a_bug_in_a_route_is_a_500_with_the_request_id_and_the_connection_lives(
     assert headers["connection"] == "keep-alive" and not transport.closed
     monkeypatch.undo()
     transport.out.clear()
-    conn.data_received(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert responses(bytes(transport.out))[0][2] == b'{"live":true}'
+    conn.data_received(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert responses(bytes(transport.out))[0][2] == b'{"ready":true}'
     assert worker.inflight == 0
 
 

@@ -1,11 +1,14 @@
-"""OpenAPI 3 document generated from the Flask URL map, so it cannot drift from the served routes."""
+"""OpenAPI 3 document generated from the route table (``routes.TABLE``), so it cannot drift from the served routes."""
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flask import Flask
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from services.serving.server.routes import Route
 
 _PARAM = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
 _HIDDEN_METHODS = {"HEAD", "OPTIONS"}
@@ -35,7 +38,7 @@ def openapi_path(rule: str) -> str:
 
 
 def served_operations(app: Flask) -> set[tuple[str, str]]:
-    """(OpenAPI path, lower-case method) for every registered rule."""
+    """(OpenAPI path, lower-case method) for every rule of the app's URL map (the route table's)."""
     return {
         (openapi_path(r.rule), m.lower())
         for r in app.url_map.iter_rules()
@@ -44,32 +47,30 @@ def served_operations(app: Flask) -> set[tuple[str, str]]:
     }
 
 
-def openapi_document(app: Flask) -> dict[str, Any]:
+def openapi_document(table: tuple[Route, ...]) -> dict[str, Any]:
     from services.serving.server.app import SERVER_VERSION
 
     paths: dict[str, dict[str, Any]] = {}
-    for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
-        view = app.view_functions[rule.endpoint]
-        doc = (view.__doc__ or rule.endpoint).strip().splitlines()[0]
-        path = openapi_path(rule.rule)
-        for method in sorted((rule.methods or set()) - _HIDDEN_METHODS):
-            op: dict[str, Any] = {
-                "operationId": f"{method.lower()}_{re.sub(r'[^A-Za-z0-9]+', '_', path).strip('_')}",
-                "summary": doc,
-                "tags": [rule.endpoint],
-                "parameters": [
-                    {"name": a, "in": "path", "required": True, "schema": {"type": "string"}}
-                    for a in sorted(rule.arguments)
-                ],
-                "responses": {
-                    "200": {"description": "success"},
-                    **{code: _ERROR for code in _ERRORS.get(rule.endpoint, ())},
-                    "500": _ERROR,
-                },
-            }
-            if rule.endpoint in _BODY:
-                op["requestBody"] = {"required": True, "content": _BODY[rule.endpoint]}
-            paths.setdefault(path, {})[method.lower()] = op
+    for route, rule in sorted(((r, p) for r in table for p in r.paths), key=lambda rp: rp[1]):
+        path = openapi_path(rule)
+        method = route.method
+        op: dict[str, Any] = {
+            "operationId": f"{method.lower()}_{re.sub(r'[^A-Za-z0-9]+', '_', path).strip('_')}",
+            "summary": route.summary,
+            "tags": [route.name],
+            "parameters": [
+                {"name": a, "in": "path", "required": True, "schema": {"type": "string"}}
+                for a in sorted(_PARAM.findall(rule))
+            ],
+            "responses": {
+                "200": {"description": "success"},
+                **{code: _ERROR for code in _ERRORS.get(route.name, ())},
+                "500": _ERROR,
+            },
+        }
+        if route.name in _BODY:
+            op["requestBody"] = {"required": True, "content": _BODY[route.name]}
+        paths.setdefault(path, {})[method.lower()] = op
     return {
         "openapi": "3.0.3",
         "info": {"title": "dlstack model server", "version": SERVER_VERSION},

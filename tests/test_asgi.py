@@ -1,0 +1,142 @@
+"""The ASGI front end (services/serving/server/asgi.py) under a real gunicorn with uvicorn's worker."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+
+from tests.conftest import ROOT, free_port, make_torch_mlp_artifact
+from tests.serving import ServerHandle, _wait
+
+ASGI_APP = "services.serving.server.asgi:create_app()"
+ROWS = np.linspace(-1, 1, 16, dtype=np.float32).reshape(2, 8)
+
+
+@contextlib.contextmanager
+def start_asgi_server(artifact_dir: Path, *, workers: int = 1, timeout: float = 60) -> Iterator[ServerHandle]:
+    """``gunicorn -c <our conf> -k uvicorn_worker.UvicornWorker 'services.serving.server.asgi:create_app()'``."""
+    from services.serving.server.cli import CONF
+
+    port = free_port()
+    metrics_dir = tempfile.mkdtemp(prefix="dlstack-test-metrics-")
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env.update(
+        {
+            "DLSTACK_ARTIFACT_DIR": str(artifact_dir.resolve()),
+            "DLSTACK_BIND": f"127.0.0.1:{port}",
+            "DLSTACK_WORKERS": str(workers),
+            "DLSTACK_CPU_LIMIT": str(workers),
+            "DLSTACK_DRAIN_SECONDS": "0",
+            "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    args = [sys.executable, "-m", "gunicorn", "-c", CONF, "-k", "uvicorn_worker.UvicornWorker", ASGI_APP]
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1
+    )
+    handle = ServerHandle(proc, port)
+    try:
+        _wait(handle, workers, True, timeout)
+        yield handle
+    finally:
+        handle.stop()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def wait_for_access(srv: ServerHandle, rid: str, timeout: float = 30) -> list[dict[str, Any]]:
+    """The access lines of request ``rid``, once at least one came through the server's stdout pipe."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [d for d in srv.access_lines() if d["http"]["request"]["id"] == rid]
+        if lines or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def asgi(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerHandle, np.ndarray]]:
+    import torch
+
+    art = make_torch_mlp_artifact(tmp_path_factory.mktemp("asgi") / "mlp")
+    model = torch.jit.load(str(art / "model.pt"))
+    expected = model(torch.from_numpy(ROWS)).detach().numpy()
+    with start_asgi_server(art) as srv:
+        yield srv, expected
+
+
+def test_infer_json(asgi: tuple[ServerHandle, np.ndarray]) -> None:
+    srv, expected = asgi
+    body = {"id": "a-1", "inputs": [{"name": "input", "shape": [2, 8], "datatype": "FP32", "data": ROWS.tolist()}]}
+    r = requests.post(f"{srv.url}/v2/models/mlp/infer", json=body, headers={"X-Request-ID": "asgi-json-1"})
+    assert r.status_code == 200, r.text
+    assert r.headers["X-Request-ID"] == "asgi-json-1" and r.headers["Content-Type"] == "application/json"
+    out = r.json()
+    assert out["id"] == "a-1" and out["model_name"] == "mlp" and out["outputs"][0]["shape"] == [2, 3]
+    np.testing.assert_allclose(np.array(out["outputs"][0]["data"], np.float32).reshape(2, 3), expected, atol=1e-6)
+    r = requests.post(f"{srv.url}/v1/models/mlp:predict", json={"instances": ROWS.tolist()})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(np.array(r.json()["predictions"], np.float32), expected, atol=1e-6)
+
+
+def test_infer_binary(asgi: tuple[ServerHandle, np.ndarray]) -> None:
+    srv, expected = asgi
+    header = json.dumps(
+        {
+            "inputs": [{"name": "input", "shape": [2, 8], "datatype": "FP32", "parameters": {"binary_data_size": 64}}],
+            "outputs": [{"name": "output", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    r = requests.post(
+        f"{srv.url}/v2/models/mlp/versions/1/infer",
+        data=header + ROWS.tobytes(),
+        headers={"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))},
+    )
+    assert r.status_code == 200, r.text
+    n = int(r.headers["Inference-Header-Content-Length"])
+    meta = json.loads(r.content[:n])
+    assert meta["outputs"][0]["parameters"]["binary_data_size"] == 24
+    np.testing.assert_allclose(np.frombuffer(r.content[n:], np.float32).reshape(2, 3), expected, atol=1e-6)
+
+
+def test_health_metadata_and_unknown_routes(asgi: tuple[ServerHandle, np.ndarray]) -> None:
+    srv, _ = asgi
+    assert requests.get(f"{srv.url}/v2/health/live").json() == {"live": True}
+    assert requests.get(f"{srv.url}/v2/health/ready").json() == {"ready": True}
+    assert requests.get(f"{srv.url}/v2").json()["extensions"] == ["binary_tensor_data"]
+    meta = requests.get(f"{srv.url}/v2/models/mlp").json()
+    assert meta["name"] == "mlp" and meta["inputs"][0] == {"name": "input", "datatype": "FP32", "shape": [-1, 8]}
+    assert requests.get(f"{srv.url}/v2/models/mlp/ready").json() == {"name": "mlp", "ready": True}
+    r = requests.get(f"{srv.url}/v3/nothing")
+    assert r.status_code == 404 and r.json()["error"].startswith("Not Found: no route for GET /v3/nothing")
+    r = requests.get(f"{srv.url}/v2/models/mlp/infer")
+    assert r.status_code == 405 and r.headers["Allow"] == "POST"
+    r = requests.post(f"{srv.url}/v2/models/other/infer", json={"inputs": []})
+    assert r.status_code == 404 and "unknown model 'other'" in r.json()["error"]
+    doc = requests.get(f"{srv.url}/v2/openapi.json").json()
+    assert "/v2/models/{name}/infer" in doc["paths"]
+
+
+def test_requests_are_counted_and_logged_once(asgi: tuple[ServerHandle, np.ndarray]) -> None:
+    srv, _ = asgi
+    body = {"inputs": [{"name": "input", "shape": [1, 8], "datatype": "FP32", "data": [0.5] * 8}]}
+    r = requests.post(f"{srv.url}/v2/models/mlp/infer", json=body, headers={"X-Request-ID": "asgi-count-1"})
+    assert r.status_code == 200
+    lines = wait_for_access(srv, "asgi-count-1")
+    assert len(lines) == 1 and lines[0]["url"]["path"] == "/v2/models/mlp/infer"
+    assert lines[0]["http"]["response"]["status_code"] == 200
+    text = requests.get(f"{srv.url}/metrics").text
+    assert 'dlstack_requests_total{code="200",model="mlp",route="infer",version="1"}' in text
