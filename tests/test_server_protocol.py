@@ -188,7 +188,7 @@ def json_types(types_srv: ServerHandle) -> dict[str, Any]:
         "inputs": [
             {"name": "text", "shape": [2, 2], "datatype": "BYTES", "data": [["héllo", ""], ["a", "b c"]]},
             {"name": "flag", "shape": [2, 3], "datatype": "BOOL", "data": [True, False, True, False, False, True]},
-            {"name": "half", "shape": [2, 4], "datatype": "FP16", "data": [0.5, 1.5, -2.0, 65504.0, 0, 1, 2, 3]},
+            {"name": "half", "shape": [2, 4], "datatype": "FP16", "data": [0.5, 1.5, -2.0, 1000.0, 0, 1, 2, 3]},
             {"name": "count", "shape": [2, 1], "datatype": "INT64", "data": [[41], [-1]]},
         ]
     }
@@ -235,10 +235,31 @@ def test_bool_fp16_int64_json(json_types: dict[str, Any]) -> None:
     out = json_types
     assert out["flag_out"]["data"] == [False, True, False, True, True, False]
     assert out["half_out"]["datatype"] == "FP16"
-    assert out["half_out"]["data"][:3] == [1.0, 3.0, -4.0]
-    # 65504 * 2 overflows FP16 to inf; JSON has no inf, so it reads null (binary keeps it exactly)
-    assert out["half_out"]["data"][3] is None
+    assert out["half_out"]["data"][:4] == [1.0, 3.0, -4.0, 2000.0]
     assert out["count_out"]["data"] == [42, 0]
+
+
+def test_an_inf_the_model_makes_is_a_500_in_json_and_exact_in_binary(types_srv: ServerHandle) -> None:
+    """65504 * 2 overflows FP16 to inf: JSON cannot carry it (orjson would write null into a 200)."""
+    inputs = [
+        {"name": "text", "shape": [1, 2], "datatype": "BYTES", "data": ["a", "b"]},
+        {"name": "flag", "shape": [1, 3], "datatype": "BOOL", "data": [True, False, True]},
+        {"name": "half", "shape": [1, 4], "datatype": "FP16", "data": [65504.0, 1, 2, 3]},
+        {"name": "count", "shape": [1, 1], "datatype": "INT64", "data": [1]},
+    ]
+    url = f"{types_srv.url}/v2/models/types/infer"
+    r = requests.post(url, json={"inputs": inputs})
+    assert r.status_code == 500
+    assert r.json()["error"] == (
+        'output "half_out" holds NaN or Inf, which JSON cannot carry; request it with parameters.binary_data=true '
+        "to get the exact values"
+    )
+    r = requests.post(
+        url, json={"inputs": inputs, "outputs": [{"name": "half_out", "parameters": {"binary_data": True}}]}
+    )
+    assert r.status_code == 200, r.text
+    _, raw = split_binary(r)
+    assert np.frombuffer(raw, "<f2").tolist() == [np.inf, 2.0, 4.0, 6.0]
 
 
 def test_bool_fp16_int64_binary(binary_types: dict[str, bytes]) -> None:

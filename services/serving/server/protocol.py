@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import numpy as np
 import orjson
 
 from services.serving.artifact import Datatype, ModelSpec, TensorSpec
-from services.serving.errors import UserError
+from services.serving.errors import DlstackError, UserError
 
 Tensors = dict[str, np.ndarray]
 
@@ -26,6 +27,14 @@ _LEN = struct.Struct("<I")
 # JSON numbers numpy may turn into each datatype (kinds: b bool, i int, u uint, f float).
 _JSON_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
 _KIND_WORDS = {"b": "booleans (true/false)", "iu": "integers", "iuf": "numbers"}
+# How an error names the JSON values it found, in this order when they are mixed.
+_TYPE_WORDS = {bool: "booleans", int: "integers", float: "floats", str: "strings", type(None): "null", dict: "objects"}
+
+
+class OutputError(DlstackError):
+    """The model produced something the response cannot carry faithfully: a server-side fault, never the client's."""
+
+    status = 500
 
 
 def shape_str(shape: Sequence[int]) -> str:
@@ -67,7 +76,8 @@ class TensorCodec:
             raise UserError(f'input "{self.name}": the batch dimension (dim 0) must be at least 1, got 0')
         return got
 
-    def from_json(self, data: Any, shape: tuple[int, ...]) -> np.ndarray:
+    def from_json(self, data: Any, shape: tuple[int, ...], text: bytes | None = None) -> np.ndarray:
+        """``data`` as this tensor; ``text``, the JSON it was parsed from, when known, speeds up _hides_bools."""
         count = math.prod(shape)
         if self.dtype.kind == "O":
             flat = _flatten(data) if isinstance(data, list) else None
@@ -86,18 +96,24 @@ class TensorCodec:
         try:
             raw = np.asarray(data)
         except (ValueError, TypeError):
+            what = (
+                "mixes lists and single values at the same nesting level"
+                if _mixes_depths(data)
+                else "is ragged (nested lists of different lengths)"
+            )
             raise UserError(
-                f'input "{self.name}": "data" is ragged (nested lists of different lengths); send '
-                f"{count} values flat or nested in row-major order"
+                f'input "{self.name}": "data" {what}; send {count} values flat or nested in row-major order'
             ) from None
         if self.dtype.kind in "iu" and raw.dtype.kind in "fO" and count:
             raw = self._wide_ints(data, raw)
         if raw.size != count:
             raise UserError(f'input "{self.name}": shape {shape_str(shape)} needs {count} values, got {raw.size}')
-        if count and raw.dtype.kind not in self.json_kinds:
+        if count and (
+            raw.dtype.kind not in self.json_kinds or (raw.dtype.kind != "b" and _hides_bools(data, raw, text))
+        ):
             raise UserError(
                 f'input "{self.name}": datatype {self.datatype} needs {_KIND_WORDS[self.json_kinds]} in "data", '
-                f"got {_describe(raw)}"
+                f"got {_describe(data, raw)}"
             )
         if count and self.dtype.kind in "iu" and raw.dtype != self.dtype:
             info = np.iinfo(self.dtype)
@@ -106,7 +122,20 @@ class TensorCodec:
                 raise UserError(  # no value in the message: payloads never reach the logs
                     f'input "{self.name}": a value is out of range for {self.datatype} [{info.min}, {info.max}]'
                 )
-        return raw.astype(self.dtype, copy=False).reshape(shape)
+        if self.dtype.kind != "f" or raw.dtype == self.dtype:
+            return raw.astype(self.dtype, copy=False).reshape(shape)
+        # JSON numbers are always finite (orjson refuses NaN, Infinity and 1e400), so overflow is the
+        # only way to an Inf; the cast itself reports it, which costs no extra pass over the data.
+        try:
+            with np.errstate(over="raise"):
+                arr = raw.astype(self.dtype)
+        except FloatingPointError:
+            top = float(np.finfo(self.dtype).max)
+            raise UserError(
+                f'input "{self.name}": a value is out of range for {self.datatype} [{-top:.8g}, {top:.8g}] and '
+                "would become Inf; send values within it (NaN or Inf travel only as binary data)"
+            ) from None
+        return arr.reshape(shape)
 
     def _wide_ints(self, data: list[Any], raw: np.ndarray) -> np.ndarray:
         """numpy reads ints beyond int64 (UINT64 values) as float or object; convert them exactly."""
@@ -146,11 +175,45 @@ class TensorCodec:
         return np.frombuffer(buf, dtype=self.wire).reshape(shape)
 
 
-def _describe(arr: np.ndarray) -> str:
-    kind = arr.dtype.kind
-    return {"U": "strings", "S": "strings", "O": "null, objects or integers too large", "b": "booleans"}.get(
-        kind, "floats" if kind == "f" else "integers"
-    )
+def _describe(data: list[Any], raw: np.ndarray) -> str:
+    """What "data" holds, in words, for an error (never the values: payloads never reach the logs)."""
+    types = set(map(type, _flatten(data)))
+    words = [w for t, w in _TYPE_WORDS.items() if t in types] or ["values of other types"]
+    if len(words) > 1:
+        return "a mix of " + ", ".join(words[:-1]) + " and " + words[-1]
+    if raw.dtype.kind == "O" and words == ["integers"]:
+        return "integers beyond the 64-bit range"
+    return words[0]
+
+
+def _hides_bools(data: list[Any], raw: np.ndarray, text: bytes | None) -> bool:
+    """Whether JSON true/false sit among numbers, where numpy silently reads them as 1/0.
+
+    Three steps, cheapest first, so the hot path stays as fast as before: only an element equal to
+    0 or 1 can be one (vectorised; most float data stops there), then the JSON text must contain
+    true or false (a memory search, short for 0/1-heavy data), and only then are the elements'
+    Python types looked at.
+    """
+    if not ((raw == 0) | (raw == 1)).any():
+        return False
+    if text is not None and b"true" not in text and b"false" not in text:
+        return False
+    leaves: Iterable[Any] = data
+    for _ in range(raw.ndim - 1):  # np.asarray succeeded, so the nesting is uniform: raw.ndim levels
+        leaves = chain.from_iterable(leaves)
+    return bool in set(map(type, leaves))
+
+
+def _mixes_depths(data: list[Any]) -> bool:
+    """Whether some list holds both lists and single values (else np.asarray failed on ragged rows)."""
+    stack = [data]
+    while stack:  # explicit stack: deeply nested bad input must not hit the recursion limit
+        item = stack.pop()
+        nested = [x for x in item if isinstance(x, list)]
+        if nested and len(nested) != len(item):
+            return True
+        stack.extend(nested)
+    return False
 
 
 def _flatten(data: list[Any]) -> list[Any]:
@@ -245,8 +308,8 @@ class Signature:
         for item in items:
             codec = self._input_codec(item, inputs)
             shape = codec.check_shape(item.get("shape"))
-            params = item.get("parameters")
-            size = params.get("binary_data_size") if isinstance(params, dict) else None
+            params = _parameters(item, f'input "{codec.name}": ')
+            size = params.get("binary_data_size")
             if size is not None:
                 if binary is None:
                     raise UserError(
@@ -263,7 +326,7 @@ class Signature:
                 arr = codec.from_binary(binary[offset : offset + size], shape)
                 offset += size
             elif "data" in item:
-                arr = codec.from_json(item["data"], shape)
+                arr = codec.from_json(item["data"], shape, body)
             else:
                 raise UserError(f'input "{codec.name}": needs "data" or parameters.binary_data_size')
             inputs[codec.name] = arr
@@ -283,7 +346,7 @@ class Signature:
         if codec is None:
             raise UserError(f"unknown input {name!r}; this model takes {self._input_names}")
         if name in seen:
-            raise UserError(f'input "{name}" is given more than once')
+            raise UserError(f'input "{name}" is given more than once; name each input once')
         dt = item.get("datatype")
         if dt != codec.datatype:
             raise UserError(f'input "{name}": expected datatype {codec.datatype}, got {dt!r}')
@@ -305,23 +368,29 @@ class Signature:
                     raise UserError(f'input "{n}": contains NaN or Inf, which this model rejects (reject_nonfinite)')
 
     def _select_outputs(self, req: dict[str, Any]) -> list[tuple[str, bool]]:
-        params = req.get("parameters")
-        default_binary = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
+        default_binary = _flag(_parameters(req, ""), "binary_data_output", False, "")
         wanted = req.get("outputs")
         if wanted is None:
             return [(n, default_binary) for n in self.outputs]
         if not isinstance(wanted, list):
             raise UserError('"outputs" must be a list of {"name": ...} objects')
-        out = []
+        out: list[tuple[str, bool]] = []
+        seen: set[str] = set()
         for o in wanted:
-            name = o.get("name") if isinstance(o, dict) else None
-            if name not in self.outputs:
+            if not isinstance(o, dict):
+                raise UserError('each entry of "outputs" must be an object with "name", e.g. {"name": "output"}')
+            name = o.get("name")
+            if not isinstance(name, str) or name not in self.outputs:
                 raise UserError(f"unknown output {name!r}; this model returns {self._output_names}")
-            p = o.get("parameters")
-            if isinstance(p, dict) and p.get("classification"):
+            # a repeated name would repeat the whole tensor in the answer: an easy amplification attack
+            if name in seen:
+                raise UserError(f'output "{name}" is requested twice; name each output once')
+            seen.add(name)
+            where = f'output "{name}": '
+            p = _parameters(o, where)
+            if p.get("classification"):
                 raise UserError("the classification extension is not supported; request the raw output instead")
-            binary = p.get("binary_data", default_binary) if isinstance(p, dict) else default_binary
-            out.append((name, bool(binary)))
+            out.append((name, _flag(p, "binary_data", default_binary, where)))
         return out
 
     def encode(self, req: InferRequest, outputs: Tensors) -> tuple[bytes, int | None]:
@@ -330,9 +399,7 @@ class Signature:
         chunks: list[bytes] = []
         for name, binary in req.outputs:
             codec = self.outputs[name]
-            arr = outputs[name]
-            if arr.dtype != codec.dtype:
-                arr = arr.astype(codec.dtype)
+            arr = _as_datatype(codec, outputs[name])
             t: dict[str, Any] = {"name": name, "datatype": codec.datatype, "shape": arr.shape}
             if binary:
                 raw = _pack_bytes(arr) if codec.dtype.kind == "O" else np.ascontiguousarray(arr, codec.wire).tobytes()
@@ -372,16 +439,17 @@ class Signature:
             except (ValueError, TypeError):
                 raise UserError(f'input "{name}": instances are ragged; every row must have the same shape') from None
             shape = codec.check_shape(list(probe.shape))
-            inputs[name] = codec.from_json(rows, shape)
+            inputs[name] = codec.from_json(rows, shape, body)
         self._check_inputs(inputs)
         return inputs
 
     def encode_v1(self, outputs: Tensors) -> bytes:
         names = list(self.outputs)
+        arrays = {n: _as_datatype(self.outputs[n], outputs[n]) for n in names}
         if len(names) == 1:
-            preds: Any = _json_rows(names[0], outputs[names[0]])
+            preds: Any = _json_rows(names[0], arrays[names[0]])
         else:
-            cols = {n: _json_rows(n, outputs[n]) for n in names}
+            cols = {n: _json_rows(n, arrays[n]) for n in names}
             preds = [{n: cols[n][i] for n in names} for i in range(len(outputs[names[0]]))]
         return orjson.dumps({"predictions": preds}, option=_NUMPY_OPT)
 
@@ -393,6 +461,60 @@ def _loads(body: bytes) -> Any:
         raise UserError(f"the request body is not valid JSON: {exc}") from None
 
 
+def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    """The "parameters" object of a request, input or output ({} when absent)."""
+    p = obj.get("parameters")
+    if p is None:
+        return {}
+    if not isinstance(p, dict):
+        raise UserError(f'{where}"parameters" must be a JSON object, e.g. {{"binary_data": true}}; got {_short(p)}')
+    return p
+
+
+def _flag(params: dict[str, Any], key: str, default: bool, where: str) -> bool:
+    """A boolean parameter: only JSON true/false, so "false" (a truthy string) can never mean true."""
+    v = params.get(key, default)
+    if type(v) is not bool:
+        raise UserError(f'{where}parameter "{key}" must be true or false (a JSON boolean), got {_short(v)}')
+    return v
+
+
+def _short(v: Any) -> str:
+    """A client-sent value as JSON, cut short: enough to see the mistake, never a whole payload."""
+    try:
+        text = orjson.dumps(v).decode()
+    except TypeError:  # pragma: no cover - orjson.loads only yields serialisable values
+        text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _as_datatype(codec: TensorCodec, arr: np.ndarray) -> np.ndarray:
+    """The model's output in the signature's dtype; a cast that changes values is the model's fault (500)."""
+    if arr.dtype == codec.dtype:
+        return arr
+    bad = False
+    if arr.dtype.kind in "iu" and codec.dtype.kind in "iu" and arr.size:  # integer casts wrap silently
+        info = np.iinfo(codec.dtype)
+        bad = arr.min() < info.min or arr.max() > info.max
+    try:
+        with np.errstate(over="raise", invalid="raise"):  # a float cast reports overflow and NaN -> int itself
+            out = arr.astype(codec.dtype)
+    except FloatingPointError:
+        bad = True
+    if bad:
+        raise OutputError(
+            f'output "{codec.name}": the model returned {arr.dtype} values out of range for {codec.datatype}; '
+            "fix the model or its signature in model.yaml"
+        )
+    return out
+
+
+def _reject_nonfinite_json(name: str, arr: np.ndarray, hint: str) -> None:
+    # orjson writes NaN and Inf as null: a 200 with silently changed numbers is worse than an error.
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise OutputError(f'output "{name}" holds NaN or Inf, which JSON cannot carry; {hint}')
+
+
 def _json_data(name: str, arr: np.ndarray) -> Any:
     if arr.dtype.kind == "O":
         try:
@@ -401,6 +523,7 @@ def _json_data(name: str, arr: np.ndarray) -> Any:
             raise UserError(
                 f'output "{name}" holds bytes that are not UTF-8; request it with parameters.binary_data=true'
             ) from None
+    _reject_nonfinite_json(name, arr, "request it with parameters.binary_data=true to get the exact values")
     return np.ascontiguousarray(arr).ravel()
 
 
@@ -408,6 +531,7 @@ def _json_rows(name: str, arr: np.ndarray) -> Any:
     """Rows as nested lists; numeric arrays go to orjson as numpy (float32 stays shortest float32 text)."""
     if arr.dtype.kind == "O":
         return np.asarray(_json_data(name, arr), dtype=object).reshape(arr.shape).tolist()
+    _reject_nonfinite_json(name, arr, "V1 has no binary form; use the V2 infer route with parameters.binary_data=true")
     return np.ascontiguousarray(arr)
 
 
