@@ -170,7 +170,7 @@ def test_shifted_inputs_raise_the_drift_score_and_the_alert(tmp_path: Path) -> N
             finally:
                 stop.set()
                 feeder.join(30)
-    print(f"requests sent {sent}; PSI {scores}; steady sampled rows in the window {rows}")  # measured, with -s
+    print(f"requests sent {sent}; PSI {scores}; sampled rows in the window {rows}")  # measured, with -s
     assert sent["shifted"] > 0 and sent["steady"] > 0
     # Same distribution: within sampling noise of 0 (about 9 / rows per group); shifted by 2 sigma: far above 0.2.
     assert scores["steady"] < 0.1, scores

@@ -68,7 +68,10 @@ def load_reference_data(path: Path, spec: ModelSpec) -> dict[str, np.ndarray]:
         keys = list(npz.files)
         for key in keys:
             if key not in inputs:
-                raise RegistryError(f"{where}: array {key!r} is not an input of the model (inputs: {names}); remove it")
+                raise RegistryError(
+                    f"{where}: array {key!r} is not an input of the model (inputs: {names}); "
+                    "save it under an input name or leave it out"
+                )
         data: dict[str, np.ndarray] = {}
         for name, t in inputs.items():
             if name not in keys:
