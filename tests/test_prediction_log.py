@@ -7,13 +7,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
+import signal
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
 
 import numpy as np
 import pytest
+import requests
 from prometheus_client import REGISTRY
 
 from services.serving.errors import UserError
@@ -21,6 +26,8 @@ from services.serving.server import logs, predlog
 from services.serving.server.observe import NO_LOG_HEADER, Prediction
 from services.serving.server.predlog import PredictionLog
 from services.serving.server.settings import ServerSettings
+from tests.conftest import ROOT, free_port, make_torch_mlp_artifact
+from tests.serving import start_server
 
 
 def flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -316,3 +323,173 @@ def test_install_registers_an_observer_only_when_on(env: dict[str, str], install
 def test_bad_env_is_a_one_line_error_naming_the_variable() -> None:
     with pytest.raises(UserError, match="DLSTACK_PREDICTION_LOG_SAMPLE"):
         ServerSettings.from_env({"DLSTACK_ARTIFACT_DIR": "/model", "DLSTACK_PREDICTION_LOG_SAMPLE": "2"})
+
+
+# --- real servers ---------------------------------------------------------------------------------
+
+MODEL = "plog-mlp"
+
+
+def infer_body(rows: np.ndarray) -> dict[str, Any]:
+    return {"inputs": [{"name": "input", "shape": list(rows.shape), "datatype": "FP32", "data": rows.ravel().tolist()}]}
+
+
+def metric(text: str, name: str) -> float:
+    """The value of ``name{model=MODEL,version="1"}`` in a Prometheus exposition."""
+    prefix = f'{name}{{model="{MODEL}",version="1"}} '
+    values = [float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix)]
+    assert values, f"{name} is not in /metrics"
+    return values[0]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return make_torch_mlp_artifact(tmp_path_factory.mktemp("plog") / "artifact", name=MODEL)
+
+
+def test_real_server_writes_sampled_events_with_all_fields(artifact: Any) -> None:
+    """A real server at 30 %: sampled requests' events on stdout carry what was sent and answered; the opted-out
+    requests never appear; big requests are summarised; /metrics counts what was written."""
+    rng = np.random.default_rng(11)
+    env = {
+        ServerSettings.env_name("prediction_log_sample"): "0.3",
+        ServerSettings.env_name("prediction_log_max_bytes"): "2048",
+    }
+    sent: dict[str, tuple[np.ndarray, list[float]]] = {}
+    opted_out: set[str] = set()
+    url = f"/v2/models/{MODEL}/infer"
+    with start_server(artifact, workers=1, env=env) as srv, requests.Session() as http:
+        for i in range(330):
+            rows = rng.normal(size=(64 if i % 11 == 0 else 1, 8)).astype(np.float32)
+            rid = f"plog-{i}"
+            headers = {"X-Request-ID": rid}
+            if i % 10 == 5:
+                headers[NO_LOG_HEADER] = "off"
+                opted_out.add(rid)
+            r = http.post(srv.url + url, json=infer_body(rows), headers=headers, timeout=30)
+            assert r.status_code == 200, r.text
+            sent[rid] = (rows, r.json()["outputs"][0]["data"])
+        deadline = time.monotonic() + 30
+        while True:
+            written = metric(http.get(srv.url + "/metrics", timeout=30).text, "dlstack_prediction_log_written_total")
+            events = [flatten(d) for d in srv.json_lines() if d.get("event", {}).get("dataset") == predlog.DATASET]
+            if len(events) == written or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        dropped = metric(http.get(srv.url + "/metrics", timeout=30).text, "dlstack_prediction_log_dropped_total")
+    assert len(events) == written and dropped == 0
+    eligible = len(sent) - len(opted_out)  # 297 requests at 30 %: about 89, sd 7.9; ±40 is over 5 sd
+    assert abs(len(events) - 0.3 * eligible) <= 40, len(events)
+    forms = set()
+    for d in events:
+        rid = d["http.request.id"]
+        assert rid in sent and rid not in opted_out
+        assert (d["labels.model"], d["labels.model_version"], d["http.response.status_code"]) == (MODEL, "1", 200)
+        assert d["dlstack.prediction.latency_ms"] > 0 and d["event.duration"] > 0
+        rows, answer = sent[rid]
+        (inp,), (out,) = d["dlstack.prediction.inputs"], d["dlstack.prediction.outputs"]
+        forms.add(d["dlstack.prediction.form"])
+        if d["dlstack.prediction.form"] == "full":
+            assert (inp["name"], inp["datatype"], inp["shape"]) == ("input", "FP32", [1, 8])
+            np.testing.assert_array_equal(np.array(inp["data"], np.float32), rows.ravel())
+            np.testing.assert_array_equal(np.array(out["data"], np.float32), np.array(answer, np.float32))
+        else:
+            assert rows.shape[0] == 64 and inp["shape"] == [64, 8] and "data" not in inp
+            assert inp["sha256"] == hashlib.sha256(rows.tobytes()).hexdigest()
+            assert inp["min"] == pytest.approx(float(rows.min())) and inp["max"] == pytest.approx(float(rows.max()))
+            assert out["shape"] == [64, 3]
+    assert forms == {"full", "summary"}
+
+
+class StallableServer:
+    """A real ``dlstack serve`` whose stdout the test reads only while ``reading`` is set: cleared, the pipe
+    fills and every write to stdout blocks, as when a log shipper stalls."""
+
+    def __init__(self, artifact: Any, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+        full_env.update({"DLSTACK_DRAIN_SECONDS": "0", "DLSTACK_CPU_LIMIT": "1", **env})
+        args = [sys.executable, "-m", "stacks.cli", "serve", str(artifact), "--host", "127.0.0.1",
+                "--port", str(self.port), "--workers", "1"]  # fmt: skip
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.reading = threading.Event()
+        self.reading.set()
+        self.lines: list[bytes] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            self.reading.wait()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, b"".join(self.lines[-20:]).decode()
+            try:
+                if requests.get(self.url + "/v2/health/ready", timeout=2).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("server not ready")
+
+    def stop(self) -> None:
+        self.reading.set()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._reader.join(5)
+
+
+def test_stalled_stdout_drops_and_counts_events_and_latency_stays(artifact: Any) -> None:
+    """While nothing reads the server's stdout, sampled events are dropped and counted; the requests are answered
+    as fast as before (generous bounds); when stdout drains again, events are written again."""
+    env = {
+        ServerSettings.env_name("prediction_log_sample"): "1",
+        ServerSettings.env_name("prediction_log_queue"): "20",
+    }
+    srv = StallableServer(artifact, env)
+    try:
+        srv.wait_ready()
+        body = infer_body(np.ones((1, 8), np.float32))
+        url = srv.url + f"/v2/models/{MODEL}/infer"
+        with requests.Session() as http:
+
+            def timed(n: int) -> list[float]:
+                out = []
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    assert http.post(url, json=body, timeout=30).status_code == 200
+                    out.append(time.perf_counter() - t0)
+                return out
+
+            def metrics() -> str:
+                return http.get(srv.url + "/metrics", timeout=30).text
+
+            free = timed(100)
+            assert metric(metrics(), "dlstack_prediction_log_dropped_total") == 0
+            srv.reading.clear()  # the shipper stalls: the 64 KiB pipe fills with a few dozen lines
+            stalled = timed(500)
+            text = metrics()
+            dropped = metric(text, "dlstack_prediction_log_dropped_total")
+            written_stalled = metric(text, "dlstack_prediction_log_written_total")
+            # The pipe, the writer's batch and the 20-event queue absorb well under 200 events of the 500.
+            assert dropped >= 300, dropped
+            assert max(stalled) < 5.0  # no request waited for stdout (generous: a blocked one waits forever)
+            assert float(np.median(stalled)) <= 5 * float(np.median(free)) + 0.05, (np.median(stalled), np.median(free))
+            srv.reading.set()  # the shipper catches up
+            deadline = time.monotonic() + 30
+            timed(5)
+            while metric(metrics(), "dlstack_prediction_log_written_total") <= written_stalled + 4:
+                assert time.monotonic() < deadline, "events are written again once stdout drains"
+                time.sleep(0.1)
+    finally:
+        srv.stop()
