@@ -238,7 +238,7 @@ def test_prod_needs_replicas_and_a_pdb(pack: ModuleType, objs: list[dict[str, An
     assert violations(pack, objs, "dev") == {}, "dev may run a single replica without a PDB"
 
 
-SCALED_OBJECT = {
+SCALED_OBJECT: dict[str, Any] = {
     "apiVersion": "keda.sh/v1alpha1",
     "kind": "ScaledObject",
     "metadata": {"name": "m", "namespace": "models"},
