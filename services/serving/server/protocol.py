@@ -145,8 +145,10 @@ class TensorCodec:
             f'input "{self.name}": a value is out of range for {self.datatype} [{info.min}, {info.max}]'
         )
         if not all(type(x) is int for x in flat):
-            # JSON parsers read integers beyond 64 bits as floats
-            if any(type(x) is float and x.is_integer() and not info.min <= x <= info.max for x in flat):
+            # orjson reads integers beyond 64 bits as floats, which round to -2**63 or 2**64 at the nearest
+            if any(
+                type(x) is float and x.is_integer() and (x <= -(2**63) or not info.min <= x <= info.max) for x in flat
+            ):
                 raise out_of_range
             return raw  # real floats or junk: the kind check below reports it
         try:
