@@ -30,6 +30,7 @@ from infra.autoscaling import LoadAutoscaling, ScaledObject, ScaledObjectArgs
 from infra.cluster_baseline import INGRESS_CONTROLLER, PRIORITY_MODELS, PROMETHEUS
 from services.serving import names
 from services.serving.errors import UserError
+from services.serving.server.settings import ServerSettings
 
 _QUANTITY = re.compile(r"^(\d+(\.\d+)?|\.\d+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 _CPU = re.compile(r"^(\d+(\.\d+)?|\.\d+)(m?)$")
@@ -79,8 +80,13 @@ class ModelServiceArgs:
     workers: int = 2  # default 2; gunicorn worker processes (DLSTACK_WORKERS)
     threads: int | None = None  # default None = CPU limit / workers (server); intra-op threads per worker
     http_threads: int | None = None  # default None = server decides (4); threads for the Flask routes per worker
-    max_batch_size: int = 1  # default 1 = batching off; rows per forward pass
-    max_batch_time_ms: float = 2.0  # default 2 ms; how long a batch may wait to fill
+    # None = not written to the pod: the server's default (ServerSettings), for these four model.yaml `serving`
+    max_batch_size: int | None = None  # default None = model.yaml (auto: 8 rows for a variable batch dim, else 1)
+    max_batch_time_ms: float | None = None  # default None = model.yaml (2 ms); how long a batch may wait to fill
+    max_body_bytes: int | None = None  # default None = model.yaml (16 MiB); request body limit in bytes
+    prediction_log_sample: float | None = None  # default None = off; fraction of requests in the prediction log
+    prediction_log_max_bytes: int | None = None  # default None = server default (4096); bytes per logged event
+    drift_sample: float | None = None  # default None = off; fraction of requests binned for drift
     gpu_count: int = 0  # default 0 = CPU only; GPUs per replica (limit on gpu_resource)
     gpu_resource: str = "nvidia.com/gpu"  # default nvidia.com/gpu; extended resource name
     gpu_tolerations: tuple[dict[str, str], ...] = (GPU_TOLERATION,)  # default tolerate the nvidia.com/gpu taint
@@ -108,6 +114,25 @@ class ModelServiceArgs:
     extra_env: dict[str, str] = field(default_factory=dict)  # default none; more env for the server
     canary: CanaryArgs | None = None  # default None; see add_canary
     load_autoscaling: LoadAutoscaling | None = None  # default None = CPU HPA; set: a KEDA ScaledObject instead
+
+    def server_env(self) -> dict[str, str]:
+        """The pod's ``DLSTACK_*`` env: names and parsing from ``ServerSettings``; unset (None) is left out."""
+        return ServerSettings.to_env(
+            bind=f"0.0.0.0:{self.port}",
+            workers=self.workers,
+            # The cgroup limit is also readable, but an explicit value keeps the layout reproducible.
+            cpu_limit=self.effective_cpu_limit,
+            max_batch_size=self.max_batch_size,
+            max_batch_time_ms=self.max_batch_time_ms,
+            max_body_bytes=self.max_body_bytes,
+            graceful_timeout=self.graceful_timeout_s,
+            drain_seconds=self.drain_seconds,
+            http_threads=self.http_threads,
+            intra_op_threads=self.threads,
+            prediction_log_sample=self.prediction_log_sample,
+            prediction_log_max_bytes=self.prediction_log_max_bytes,
+            drift_sample=self.drift_sample,
+        )
 
     @property
     def termination_grace_seconds(self) -> int:
@@ -149,8 +174,6 @@ class ModelServiceArgs:
             problems.append(f"workers {self.workers} must be >= 1")
         if self.threads is not None and self.threads < 1:
             problems.append(f"threads {self.threads} must be >= 1 or None (server decides)")
-        if self.max_batch_size < 1 or self.max_batch_time_ms < 0:
-            problems.append("max_batch_size must be >= 1 and max_batch_time_ms >= 0")
         if self.gpu_count < 0:
             problems.append(f"gpu_count {self.gpu_count} must be >= 0 (0 = CPU only)")
         if self.run_as_user < 1:
@@ -175,6 +198,11 @@ class ModelServiceArgs:
                 problems.append(f'canary.model_version "{c.model_version}" is not a valid label value')
             if c.model_version == self.model_version:
                 problems.append(f'canary.model_version "{c.model_version}" equals the stable version; use another one')
+        if not problems:  # the checks above name the args; this catches what only the server's parsing knows
+            try:
+                self.server_env()
+            except UserError as exc:
+                problems.append(exc.message)
         if problems:
             raise UserError(f"ModelService {name}: " + "; ".join(problems))
 
@@ -293,24 +321,9 @@ class ModelService(pulumi.ComponentResource):
     # the pods
 
     def _env(self) -> list[dict[str, Any]]:
-        """The DLSTACK_* variables services/serving/server/gunicorn_conf.py and config.py read."""
+        """What the server reads (``ServerSettings``, see ``ModelServiceArgs.server_env``) plus the metrics dir."""
         a = self.args
-        env = {
-            "DLSTACK_BIND": f"0.0.0.0:{a.port}",
-            "DLSTACK_WORKERS": str(a.workers),
-            # The cgroup limit is also readable, but an explicit value keeps the layout reproducible.
-            "DLSTACK_CPU_LIMIT": a.effective_cpu_limit,
-            "DLSTACK_MAX_BATCH_SIZE": str(a.max_batch_size),
-            "DLSTACK_MAX_BATCH_TIME_MS": f"{a.max_batch_time_ms:g}",
-            "DLSTACK_GRACEFUL_TIMEOUT": str(a.graceful_timeout_s),
-            "DLSTACK_DRAIN_SECONDS": str(a.drain_seconds),
-            "PROMETHEUS_MULTIPROC_DIR": METRICS_DIR,
-        }
-        if a.http_threads is not None:
-            env["DLSTACK_HTTP_THREADS"] = str(a.http_threads)
-        if a.threads is not None:
-            env["DLSTACK_INTRA_OP_THREADS"] = str(a.threads)
-        env.update(a.extra_env)
+        env = {**a.server_env(), "PROMETHEUS_MULTIPROC_DIR": METRICS_DIR, **a.extra_env}
         return [{"name": k, "value": v} for k, v in env.items()]
 
     def _resources(self) -> dict[str, Any]:

@@ -485,7 +485,12 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="also replace a previous artifact of another model (only its own files; other files are never touched)",
     )
-    p.add_argument("--max-batch-size", type=int, help="serving.max_batch_size (default 1 = no batching)")
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        help="serving.max_batch_size; 1 = no batching (default: unset = auto, 8 rows when every input's "
+        "first dim is variable, else 1)",
+    )
     p.add_argument("--max-batch-time-ms", type=float, help="serving.max_batch_time_ms (default 2)")
     p.add_argument("--threads", type=int, help="serving.threads (default: CPU limit / workers)")
     p.add_argument("--keras-backend", help="serving.keras_backend for .keras models (default torch)")

@@ -439,8 +439,40 @@ class ResourcesConfig(_Strict):
 
 
 class BatchingConfig(_Strict):
-    max_batch_size: Int = Field(default=1, ge=1, le=4096)  # default 1 = off; rows per forward pass
-    max_batch_time_ms: Float = Field(default=2.0, ge=0, le=1000)  # default 2 ms; wait for a batch to fill
+    """Overrides of the model's model.yaml ``serving``; unset fields are not written to the pod at all."""
+
+    # default None = model.yaml (unset there: 8 for a variable batch dim, else 1); rows per forward pass
+    max_batch_size: Int | None = Field(default=None, ge=1, le=4096)
+    max_batch_time_ms: Float | None = Field(default=None, ge=0, le=1000)  # default None = model.yaml (2 ms)
+
+
+def _sample(v: float, block: str) -> float:
+    if not 0 < v <= 1:
+        raise ValueError(f"must be > 0 and at most 1 (got {v:g}): a fraction of requests; remove {block} for off")
+    return v
+
+
+class PredictionLogConfig(_Strict):
+    """Sampled prediction log (inputs/outputs as ECS lines) for this model; absent = off."""
+
+    sample: Float  # required; fraction of requests logged, in (0, 1], e.g. 0.01
+    max_bytes: Int | None = Field(default=None, ge=256)  # default None = the server's (4096); bytes per event
+
+    @field_validator("sample")
+    @classmethod
+    def _sample(cls, v: float) -> float:
+        return _sample(v, "prediction_log")
+
+
+class DriftConfig(_Strict):
+    """Input/output drift binning for this model; absent = off."""
+
+    sample: Float  # required; fraction of requests binned, in (0, 1], e.g. 0.1
+
+    @field_validator("sample")
+    @classmethod
+    def _sample(cls, v: float) -> float:
+        return _sample(v, "drift")
 
 
 class SloConfig(_Strict):
@@ -547,6 +579,8 @@ class ModelConfig(_Strict):
     workers: Int = Field(default=2, ge=1, le=64)  # default 2; gunicorn worker processes per replica
     autoscaling: AutoscalingConfig | None = None  # default none = the CPU HPA (replicas.target_cpu_percent)
     capacity: CapacityConfig | None = None  # default none; written by `dlstack capacity --write-config`
+    prediction_log: PredictionLogConfig | None = None  # default none = off; {sample: 0.01, max_bytes: 4096}
+    drift: DriftConfig | None = None  # default none = off; {sample: 0.1}
 
     @property
     def load_target(self) -> float | None:

@@ -43,7 +43,8 @@ def test_hand_written_yaml_is_read_with_defaults(tmp_path: Path) -> None:
     spec = read_spec(write_yaml(tmp_path, VALID))
     assert (spec.name, spec.version, spec.framework.value) == ("mlp", "2", "pytorch")
     assert spec.signature.inputs[0] == TensorSpec(name="input", datatype=Datatype.FP32, shape=(-1, 8))
-    assert spec.serving.max_batch_size == 1 and spec.serving.keras_backend == "torch"
+    assert spec.serving.keras_backend == "torch"
+    assert spec.serving.max_batch_size is None and spec.max_batch_size == 8  # unset = auto: variable batch dim
 
 
 @pytest.mark.parametrize(

@@ -206,6 +206,28 @@ BAD = [
         "`pulumi config set --secret dlstack:grafana_admin_password <value>` (or remove it to generate one)",
     ),
     (
+        "prediction-log-sample-zero",
+        [([M, 0, "prediction_log"], {"sample": 0})],
+        P + "dlstack:models[0].prediction_log.sample: must be > 0 and at most 1 (got 0): a fraction of requests; "
+        "remove prediction_log for off",
+    ),
+    (
+        "prediction-log-max-bytes-small",
+        [([M, 0, "prediction_log"], {"sample": 0.01, "max_bytes": 100})],
+        P + "dlstack:models[0].prediction_log.max_bytes: 100 is invalid: input should be greater than or equal to 256",
+    ),
+    (
+        "prediction-log-needs-sample",
+        [([M, 0, "prediction_log"], {"max_bytes": 4096})],
+        P + "dlstack:models[0].prediction_log.sample: is required; add it",
+    ),
+    (
+        "drift-sample-above-one",
+        [([M, 1, "drift"], {"sample": 2})],
+        P + "dlstack:models[1].drift.sample: must be > 0 and at most 1 (got 2): a fraction of requests; remove drift "
+        "for off",
+    ),
+    (
         "bad-domain",
         [(["dlstack:ingress", "domain"], "https://x.example")],
         P + 'dlstack:ingress.domain: "https://x.example" is not a DNS domain (e.g. "dlstack.localtest.me")',
@@ -221,6 +243,23 @@ def test_bad_config_gives_one_exact_message(tmp_path: Path, edits: list[tuple[li
     with pytest.raises(ConfigError) as err:
         load_stack_config("prod", _write(tmp_path, doc))
     assert err.value.message == message
+
+
+def test_serving_overrides_are_optional_and_feedback_knobs_parse(tmp_path: Path) -> None:
+    """No batching block = model.yaml decides (None); prediction_log/drift are off unless given."""
+    doc = _doc()
+    del doc["config"][M][0]["batching"]
+    doc["config"][M][0]["prediction_log"] = {"sample": 0.01, "max_bytes": 4096}
+    doc["config"][M][1]["drift"] = {"sample": 0.1}
+    first, second = load_stack_config("prod", _write(tmp_path, doc)).models
+    assert (first.batching.max_batch_size, first.batching.max_batch_time_ms) == (None, None)
+    assert first.prediction_log is not None and (first.prediction_log.sample, first.prediction_log.max_bytes) == (
+        0.01,
+        4096,
+    )
+    assert first.drift is None and second.prediction_log is None
+    assert second.drift is not None and second.drift.sample == 0.1
+    assert second.batching.max_batch_size == 8  # the committed stack file sets it: kept
 
 
 def test_several_problems_are_all_reported(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from infra.model_service import CanaryArgs, ModelService, ModelServiceArgs
 from services.serving.errors import UserError
+from services.serving.server.settings import ServerSettings
 from tests.k8s_checks import find, manifest_errors, manifests, one, pod_spec_of, pss_restricted_violations, record
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,10 +175,36 @@ def test_grace_period_covers_prestop_and_gunicorn_drain(dev: list[dict[str, Any]
 
 def test_server_reads_every_env_var_we_set(dev: list[dict[str, Any]]) -> None:
     env = env_of(one(dev, "Deployment"))
-    server_source = "\n".join(p.read_text() for p in (ROOT / "services" / "serving" / "server").glob("*.py"))
-    unknown = [k for k in env if k not in server_source]
-    assert not unknown, f"the model server does not read {unknown}"
-    assert env["DLSTACK_BIND"].endswith(":8080") and env["DLSTACK_MAX_BATCH_SIZE"] == "1"
+    fields = {ServerSettings.env_name(f) for f in ServerSettings.model_fields}
+    unknown = [k for k in env if k.startswith("DLSTACK_") and k not in fields]
+    assert not unknown, f"the model server has no setting for {unknown}"
+    settings = ServerSettings.from_env({**env, "DLSTACK_ARTIFACT_DIR": "/model"})
+    assert settings.bind == "0.0.0.0:8080" and settings.workers == 2 and settings.cpu_limit == 2.0
+    assert (settings.graceful_timeout, settings.drain_seconds) == (25, 0)
+    # Nothing set in the args: model.yaml `serving` and the server's defaults decide, so nothing is written.
+    for field in ("max_batch_size", "max_batch_time_ms", "max_body_bytes", "prediction_log_sample", "drift_sample"):
+        assert ServerSettings.env_name(field) not in env, field
+
+
+def test_args_that_are_set_reach_the_pod_env_under_the_settings_names() -> None:
+    env = env_of(
+        one(
+            render(
+                max_batch_size=16,
+                max_batch_time_ms=0.5,
+                max_body_bytes=4096,
+                prediction_log_sample=0.01,
+                prediction_log_max_bytes=512,
+                drift_sample=0.1,
+            ),
+            "Deployment",
+        )
+    )
+    settings = ServerSettings.from_env({**env, "DLSTACK_ARTIFACT_DIR": "/model"})
+    assert (settings.max_batch_size, settings.max_batch_time_ms, settings.max_body_bytes) == (16, 0.5, 4096)
+    assert (settings.prediction_log_sample, settings.prediction_log_max_bytes) == (0.01, 512)
+    assert settings.drift_sample == 0.1
+    assert env["DLSTACK_MAX_BATCH_SIZE"] == "16" and env["DLSTACK_PREDICTION_LOG_SAMPLE"] == "0.01"
 
 
 def test_network_policy_admits_only_ingress_controller_and_prometheus(dev: list[dict[str, Any]]) -> None:
@@ -284,6 +311,9 @@ def test_topology_spread_in_prod_only(dev: list[dict[str, Any]], prod: list[dict
         ({"canary": CanaryArgs(image="r/m:2", model_version="1")}, "equals the stable version"),
         ({"run_as_user": 0}, "run_as_user 0 must be a non-root UID"),
         ({"cpu": "1Gi"}, 'cpu "1Gi" is not a CPU quantity'),
+        ({"max_batch_size": 0}, "DLSTACK_MAX_BATCH_SIZE='0' is out of range; set it to a whole number >= 1"),
+        ({"drift_sample": 1.5}, "DLSTACK_DRIFT_SAMPLE='1.5' is out of range; set it to a number between 0 and 1"),
+        ({"graceful_timeout_s": 0}, "DLSTACK_GRACEFUL_TIMEOUT='0' is out of range; set it to a whole number >= 1"),
     ],
 )
 def test_bad_args_fail_before_anything_is_created(kw: dict[str, Any], message: str) -> None:

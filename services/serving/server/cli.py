@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from services.serving.errors import UserError
-from services.serving.server.config import LOG_FORMATS
+from services.serving.server.settings import LOG_FORMATS, ServerSettings
 
 APP = "services.serving.server.app:create_app()"
 CONF = "python:services.serving.server.gunicorn_conf"
@@ -33,7 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         type=_positive,
         help="threads per worker for the Flask routes (metadata, /metrics, OpenAPI); default 4",
     )
-    p.add_argument("--max-batch-size", type=_positive, help="rows per forward pass; 1 = batching off")
+    p.add_argument(
+        "--max-batch-size",
+        type=_positive,
+        help="rows per forward pass; 1 = batching off (default: model.yaml, else 8 for a variable batch dim)",
+    )
     p.add_argument("--max-batch-time-ms", type=float, help="ms the first request of a batch waits for more")
     p.add_argument("--max-body-bytes", type=_body_bytes, help="request body limit, >= 1024 (default 16 MiB)")
     p.add_argument(
@@ -73,21 +77,20 @@ def _body_bytes(raw: str) -> int:
 
 
 def server_env(args: argparse.Namespace, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment gunicorn runs with: flags become DLSTACK_* variables."""
+    """The environment gunicorn runs with: flags become DLSTACK_* variables (ServerSettings fields)."""
     env = dict(os.environ if base is None else base)
-    env["DLSTACK_ARTIFACT_DIR"] = str(args.artifact_dir.resolve())
-    env["DLSTACK_BIND"] = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
-    for flag, key in (
-        ("workers", "DLSTACK_WORKERS"),
-        ("threads", "DLSTACK_HTTP_THREADS"),
-        ("max_batch_size", "DLSTACK_MAX_BATCH_SIZE"),
-        ("max_batch_time_ms", "DLSTACK_MAX_BATCH_TIME_MS"),
-        ("max_body_bytes", "DLSTACK_MAX_BODY_BYTES"),
-        ("log_format", "DLSTACK_LOG_FORMAT"),
-    ):
-        value = getattr(args, flag)
-        if value is not None:
-            env[key] = str(value)
+    bind = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
+    flags = {
+        "workers": args.workers,
+        "http_threads": args.threads,
+        "max_batch_size": args.max_batch_size,
+        "max_batch_time_ms": args.max_batch_time_ms,
+        "max_body_bytes": args.max_body_bytes,
+        "log_format": args.log_format,
+    }
+    env[ServerSettings.env_name("artifact_dir")] = str(args.artifact_dir.resolve())
+    env[ServerSettings.env_name("bind")] = bind
+    env.update({ServerSettings.env_name(k): str(v) for k, v in flags.items() if v is not None})
     if not env.get("PROMETHEUS_MULTIPROC_DIR"):
         env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dlstack-metrics-")
         env["DLSTACK_OWNS_METRICS_DIR"] = "1"
@@ -124,7 +127,6 @@ def check_port(host: str, port: int) -> None:
 
 def handler(args: argparse.Namespace) -> int:
     from services.serving.artifact import load_spec
-    from services.serving.server.config import ServerConfig, log_format
 
     if args.max_batch_time_ms is not None and args.max_batch_time_ms < 0:
         raise UserError(f"--max-batch-time-ms must be >= 0, got {args.max_batch_time_ms}")
@@ -134,8 +136,7 @@ def handler(args: argparse.Namespace) -> int:
     load_spec(args.artifact_dir)  # fail fast, before gunicorn, on a missing or corrupted file
     env = server_env(args)
     try:
-        ServerConfig.from_env(env)  # what the workers will read: bad values fail here, not in every worker
-        log_format(env)
+        ServerSettings.from_env(env)  # what the workers will read: bad values fail here, not in every worker
     except UserError:
         if env.get("DLSTACK_OWNS_METRICS_DIR") == "1":
             shutil.rmtree(env["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

@@ -209,7 +209,6 @@ _KIND = {
     "int_from_float": "is not an integer",
     "float_parsing": "is not a number",
     "bool_parsing": "is not a boolean",
-    "literal_error": "is not one of " + ", ".join(LOG_FORMATS),
     "finite_number": "is not a finite number",
 }
 
@@ -229,6 +228,9 @@ def describe(exc: ValidationError, env: Mapping[str, str]) -> str:
         raw = _raw(env, key, e.get("input"))
         if e["type"] == "value_error":
             parts.append(f"{key}={raw!r} {e['msg'].removeprefix('Value error, ')}")
+            continue
+        if e["type"] == "literal_error":  # the choices are the fix; dlstack serve's flag has the same name
+            parts.append(f"{key}={raw!r} {_expected(field).replace('one of', 'is not one of')} (--log-format)")
             continue
         what = _KIND.get(e["type"], "is out of range")
         parts.append(f"{key}={raw!r} {what}; set it to {_expected(field)}")
