@@ -219,3 +219,20 @@ def test_with_reference_never_writes_the_source_and_replaces_an_old_reference(
     spec = load_spec(again)
     assert [f.path for f in spec.files] == ["model.pt", drift.REFERENCE_FILE]
     assert drift.read_reference(again / drift.REFERENCE_FILE).rows == 150
+
+
+def test_a_bad_reference_is_logged_and_serving_goes_on(
+    tmp_path: Path, artifact_with_reference: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(artifact_with_reference, art)
+    (art / drift.REFERENCE_FILE).write_text('{"format": 1, "rows": 5, "data_sha256": "x", "tensors": []}')
+    with pytest.raises(drift.ArtifactError, match=r"rows: Input should be greater than or equal to 100") as info:
+        drift.read_reference(art / drift.REFERENCE_FILE)
+    assert "\n" not in info.value.message and "--reference-data" in info.value.message
+    server = _server(art, "drift-bad")
+    assert drift.install(server, _settings(art, 1.0)) is None
+    assert server.observers == []
+    assert "drift metrics off" in caplog.text

@@ -31,7 +31,6 @@ from services.serving.artifact import ArtifactError, ModelSpec, format_validatio
 from services.serving.server.settings import ServerSettings
 
 REFERENCE_FILE = "reference.json"  # in the artifact directory, listed in model.yaml files
-FORMAT = 1
 MAX_GROUPS = 8  # feature groups per tensor: bounds the series count, keeps each group's mean informative
 BINS = 10  # decile bins per group
 MIN_ROWS = 100  # fewer reference rows give deciles too noisy to compare against
@@ -76,24 +75,13 @@ class TensorReference(BaseModel):
             raise ValueError(f"tensor {self.name!r}: ratios must be {g} lists of {BINS} shares summing to 1")
         return self
 
-    def group_means(self, arr: np.ndarray) -> np.ndarray | None:
-        """(rows, groups) group means of a batch-first array; None when its width is not the reference's."""
-        rows = arr.shape[0] if arr.ndim else 0
-        flat = np.asarray(arr).reshape(rows, -1) if rows else None
-        if flat is None or flat.shape[1] != self.width:
-            return None
-        return group_means(flat, self.starts)
-
-    def bins(self, means: np.ndarray) -> np.ndarray:
-        return bin_index(means, np.asarray(self.edges))
-
 
 class Reference(BaseModel):
     """The content of ``reference.json``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    format: Literal[1] = 1  # FORMAT
+    format: Literal[1] = 1  # bumped when the layout changes; an old server refuses a newer file
     rows: int = Field(ge=MIN_ROWS)  # reference rows the bins were computed from
     data_sha256: str  # sha256 of the .npz they came from (lineage)
     tensors: list[TensorReference]
