@@ -379,7 +379,7 @@ def test_promtool_accepts_the_rules_with_the_load_rules(rendered: dict[str, Any]
 
 
 def test_checkov_passes_what_autoscaling_adds(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
-    """checkov is slow: the prod render's ScaledObjects, autoscaled models and KEDA objects, not the whole stack."""
+    """checkov is slow: the prod render's autoscaled models (ScaledObject instead of HPA) and KEDA's objects."""
     from tests.test_checkov import checkov, skips
 
     manifests = _render("prod", tmp_path_factory)["out"] / "manifests"
@@ -388,12 +388,13 @@ def test_checkov_passes_what_autoscaling_adds(tmp_path_factory: pytest.TempPathF
         for p in manifests.rglob("*.yaml")
         if "keda" in p.name or any(p.name.endswith(f"-{name}.yaml") for name in AUTOSCALED["prod"])
     ]
+    assert {p.name.split("-", 1)[0] for p in picked} >= {"deployment", "scaledobject", "namespace", "networkpolicy"}
     for p in picked:
         shutil.copy(p, tmp_path / f"{p.parent.name}-{p.name}")
     report = checkov(tmp_path, skips("prod"))
     failed = [f"{f['check_id']} {f['resource']}: {f['check_name']}" for f in report["results"]["failed_checks"]]
     assert failed == [], "\n".join(failed)
-    assert report["summary"]["passed"] > 0 and report["summary"]["resource_count"] >= len(picked) - 2
+    assert report["summary"]["passed"] > 0
 
 
 # ---------------------------------------------------------------------------------------------
