@@ -74,6 +74,13 @@ def test_health_and_server_metadata(mlp: tuple[ServerHandle, Path]) -> None:
 def test_model_metadata_and_ready(mlp: tuple[ServerHandle, Path], suffix: str) -> None:
     url = mlp[0].url
     meta = requests.get(f"{url}/v2/models/mlp{suffix}").json()
+    # the worker's effective settings (README "What it runs with"): model.yaml leaves them to the defaults
+    assert meta.pop("parameters") == {
+        "max_batch_size": 8,
+        "max_batch_time_ms": 2.0,
+        "max_body_bytes": 16 * 1024 * 1024,
+        "intra_op_threads": 1,
+    }
     assert meta == {
         "name": "mlp",
         "versions": ["3"],
