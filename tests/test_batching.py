@@ -208,13 +208,16 @@ class LoopHarness:
         )
 
     def submit_all(
-        self, reqs: list[Tensors], arriving: int = 0, timeout: float = HANG_S
+        self, reqs: list[Tensors], receiving: tuple[object, ...] = (), timeout: float = HANG_S
     ) -> list[Tensors | BaseException]:
-        """Submit ``reqs`` in one loop pass (as requests parsed together are); wait for every answer."""
+        """Submit ``reqs`` in one loop pass (as requests parsed together are); wait for every answer.
+
+        ``receiving``: requests whose body bytes come in during that pass (their body still incomplete)."""
         results: dict[int, Tensors | BaseException] = {}
 
         def submit() -> None:
-            self.batcher.arriving += arriving
+            for token in receiving:
+                self.batcher.receiving(token)
             for i, r in enumerate(reqs):
                 self.batcher.submit(r, lambda out, err, i=i: results.__setitem__(i, err if err else out))
 
@@ -295,10 +298,43 @@ def test_loop_batcher_waits_for_arriving_requests_only_up_to_max_batch_time() ->
     h.submit_all([{"x": np.ones((1, 2), np.float32)}])  # nobody arriving: no wait
     assert h.events == ["forward"], "a lone request waited for a timer"
     h.events.clear()
-    h.submit_all([{"x": np.ones((1, 2), np.float32)}], arriving=1)  # one that never completes: waits it out
+    other = object()
+    h.submit_all([{"x": np.ones((1, 2), np.float32)}], receiving=(other,))  # one that never completes: waits it out
     still_arriving = h.batcher.arriving
-    h.batcher.arriving = 0
+    h.batcher.request_arrived(other)
     h.close()
     # One max_batch_time timer, and the forward pass ran when it fired, the awaited request still missing.
     assert h.events == [("timer set", 0.15), "timer fired", "forward"], h.events
     assert still_arriving == 1 and len(rec.calls) == 2
+
+
+def test_loop_batcher_stops_waiting_when_the_awaited_request_arrives() -> None:
+    """The wait ends when the request being received is complete, not when the timer fires."""
+    rec = Recorder()
+    h = LoopHarness(rec, max_batch_size=8, max_batch_time_ms=PATIENT_MS)
+    other = object()
+    h.loop.call_later(0.05, h.batcher.request_arrived, other)  # its last bytes come in 50 ms later
+    h.submit_all([{"x": np.ones((1, 2), np.float32)}], receiving=(other,))
+    h.close()
+    assert h.events == [("timer set", PATIENT_MS / 1000), "forward"], h.events
+    assert h.batcher.arriving == 0
+
+
+def test_loop_batcher_never_waits_for_a_stalled_request() -> None:
+    """A request whose body stopped coming (slow or hostile client) is no reason to hold a batch: only one
+    whose bytes moved within max_batch_time is waited for. Once its bytes move again, it counts again."""
+    rec = Recorder()
+    h = LoopHarness(rec, max_batch_size=8, max_batch_time_ms=100)
+    stalled = object()
+    h.batcher.receiving(stalled)  # headers and some body came in; then nothing
+    h.loop.run_until_complete(asyncio.sleep(0.25))  # longer than max_batch_time since its last bytes
+    for _ in range(3):
+        h.submit_all([{"x": np.ones((1, 2), np.float32)}])
+    assert h.events == ["forward"] * 3, f"a stalled request made a batch wait: {h.events}"
+    assert h.batcher.arriving == 1  # still counted as unfinished (its connection will time out)
+    h.events.clear()
+    h.submit_all([{"x": np.ones((1, 2), np.float32)}], receiving=(stalled,))  # its bytes flow again
+    h.batcher.request_arrived(stalled)
+    h.close()
+    assert h.events == [("timer set", 0.1), "timer fired", "forward"], h.events
+    assert h.batcher.arriving == 0

@@ -159,8 +159,11 @@ class LoopBatcher:
     ``done(None, error)`` on the loop later. Forward passes run one at a time in ``run_forward``
     (the worker's inference thread), and the next batch fills meanwhile: under load a batch is
     whatever arrived during the previous pass. When the model is idle a batch starts at once,
-    unless a request is still being received (``arriving``): then it waits for it up to
-    ``max_batch_time``. Only requests with equal ``batch_key`` are stacked; FIFO across keys.
+    unless a request is still being received: then it waits for it up to ``max_batch_time``.
+    A request counts as being received only while its body flows: from the end of its headers,
+    and only if its last body bytes came within ``max_batch_time`` (``receiving``). A client that
+    stalls mid-body (or trickles its headers) never makes others wait for the batch window.
+    Only requests with equal ``batch_key`` are stacked; FIFO across keys.
     """
 
     def __init__(
@@ -179,11 +182,21 @@ class LoopBatcher:
         self._call_later = call_later
         self._run_forward = run_forward  # run_forward(work, then): work() off the loop, then() back on it
         self._queue: dict[Key, list[tuple[Tensors, Done]]] = {}  # insertion order = arrival order of keys
-        self.arriving = 0  # requests of this worker whose bytes are still coming in
+        self._receiving: dict[object, float] = {}  # request -> monotonic s of its last body bytes
         self._busy = False
         self._scheduled = False
         self._deadline: float | None = None  # monotonic s; set while an idle model waits for arriving requests
         self._expired = False
+
+    @property
+    def arriving(self) -> int:
+        """Requests of this worker whose body is still coming in (stalled ones included)."""
+        return len(self._receiving)
+
+    def _flowing(self, now: float) -> bool:
+        """Whether a request worth waiting for is being received: its body moved within the batch window."""
+        since = now - self.max_batch_time
+        return any(t >= since for t in self._receiving.values())
 
     @property
     def pending(self) -> int:
@@ -197,10 +210,14 @@ class LoopBatcher:
         self._queue.setdefault(key, []).append((inputs, done))
         self._schedule()
 
-    def request_arrived(self) -> None:
-        """A request that was ``arriving`` is complete (or failed): an idle model may stop waiting."""
-        self.arriving -= 1
-        if self.arriving <= 0 and self._deadline is not None:
+    def receiving(self, request: object) -> None:
+        """``request``'s headers are complete and its body bytes are coming in (called again per chunk)."""
+        self._receiving[request] = time.monotonic()
+
+    def request_arrived(self, request: object) -> None:
+        """``request`` is complete (or failed, or its connection is gone): an idle model may stop waiting."""
+        gone = self._receiving.pop(request, None) is not None
+        if gone and self._deadline is not None and not self._flowing(time.monotonic()):
             self._schedule()
 
     def _schedule(self) -> None:
@@ -219,7 +236,12 @@ class LoopBatcher:
         key = next(iter(self._queue))
         items = self._queue[key]
         rows = sum(rows_of(x) for x, _ in items)
-        if self.max_batch_time > 0 and self.arriving > 0 and rows < self.max_batch_size:
+        if (
+            self.max_batch_time > 0
+            and self._receiving
+            and rows < self.max_batch_size
+            and self._flowing(time.monotonic())
+        ):
             if self._deadline is None:
                 self._deadline = time.monotonic() + self.max_batch_time
                 self._expired = False
