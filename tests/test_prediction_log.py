@@ -14,6 +14,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,7 +29,6 @@ from services.serving.server.observe import NO_LOG_HEADER, Prediction
 from services.serving.server.predlog import PredictionLog
 from services.serving.server.settings import ServerSettings
 from tests.conftest import ROOT, free_port, make_torch_mlp_artifact
-from tests.serving import start_server
 
 
 def flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -328,6 +329,7 @@ def test_bad_env_is_a_one_line_error_naming_the_variable() -> None:
 # --- real servers ---------------------------------------------------------------------------------
 
 MODEL = "plog-mlp"
+pytestmark = pytest.mark.xdist_group("prediction_log_server")  # one real server for the module's real-server test
 
 
 def infer_body(rows: np.ndarray) -> dict[str, Any]:
@@ -340,65 +342,6 @@ def metric(text: str, name: str) -> float:
     values = [float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix)]
     assert values, f"{name} is not in /metrics"
     return values[0]
-
-
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    return make_torch_mlp_artifact(tmp_path_factory.mktemp("plog") / "artifact", name=MODEL)
-
-
-def test_real_server_writes_sampled_events_with_all_fields(artifact: Any) -> None:
-    """A real server at 30 %: sampled requests' events on stdout carry what was sent and answered; the opted-out
-    requests never appear; big requests are summarised; /metrics counts what was written."""
-    rng = np.random.default_rng(11)
-    env = {
-        ServerSettings.env_name("prediction_log_sample"): "0.3",
-        ServerSettings.env_name("prediction_log_max_bytes"): "2048",
-    }
-    sent: dict[str, tuple[np.ndarray, list[float]]] = {}
-    opted_out: set[str] = set()
-    url = f"/v2/models/{MODEL}/infer"
-    with start_server(artifact, workers=1, env=env) as srv, requests.Session() as http:
-        for i in range(330):
-            rows = rng.normal(size=(64 if i % 11 == 0 else 1, 8)).astype(np.float32)
-            rid = f"plog-{i}"
-            headers = {"X-Request-ID": rid}
-            if i % 10 == 5:
-                headers[NO_LOG_HEADER] = "off"
-                opted_out.add(rid)
-            r = http.post(srv.url + url, json=infer_body(rows), headers=headers, timeout=30)
-            assert r.status_code == 200, r.text
-            sent[rid] = (rows, r.json()["outputs"][0]["data"])
-        deadline = time.monotonic() + 30
-        while True:
-            written = metric(http.get(srv.url + "/metrics", timeout=30).text, "dlstack_prediction_log_written_total")
-            events = [flatten(d) for d in srv.json_lines() if d.get("event", {}).get("dataset") == predlog.DATASET]
-            if len(events) == written or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        dropped = metric(http.get(srv.url + "/metrics", timeout=30).text, "dlstack_prediction_log_dropped_total")
-    assert len(events) == written and dropped == 0
-    eligible = len(sent) - len(opted_out)  # 297 requests at 30 %: about 89, sd 7.9; ±40 is over 5 sd
-    assert abs(len(events) - 0.3 * eligible) <= 40, len(events)
-    forms = set()
-    for d in events:
-        rid = d["http.request.id"]
-        assert rid in sent and rid not in opted_out
-        assert (d["labels.model"], d["labels.model_version"], d["http.response.status_code"]) == (MODEL, "1", 200)
-        assert d["dlstack.prediction.latency_ms"] > 0 and d["event.duration"] > 0
-        rows, answer = sent[rid]
-        (inp,), (out,) = d["dlstack.prediction.inputs"], d["dlstack.prediction.outputs"]
-        forms.add(d["dlstack.prediction.form"])
-        if d["dlstack.prediction.form"] == "full":
-            assert (inp["name"], inp["datatype"], inp["shape"]) == ("input", "FP32", [1, 8])
-            np.testing.assert_array_equal(np.array(inp["data"], np.float32), rows.ravel())
-            np.testing.assert_array_equal(np.array(out["data"], np.float32), np.array(answer, np.float32))
-        else:
-            assert rows.shape[0] == 64 and inp["shape"] == [64, 8] and "data" not in inp
-            assert inp["sha256"] == hashlib.sha256(rows.tobytes()).hexdigest()
-            assert inp["min"] == pytest.approx(float(rows.min())) and inp["max"] == pytest.approx(float(rows.max()))
-            assert out["shape"] == [64, 3]
-    assert forms == {"full", "summary"}
 
 
 class StallableServer:
@@ -425,6 +368,10 @@ class StallableServer:
             self.lines.append(line)
             self.reading.wait()
 
+    def events(self) -> list[dict[str, Any]]:
+        docs = [json.loads(x) for x in list(self.lines)]
+        return [flatten(d) for d in docs if d.get("event", {}).get("dataset") == predlog.DATASET]
+
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -449,47 +396,156 @@ class StallableServer:
         self._reader.join(5)
 
 
-def test_stalled_stdout_drops_and_counts_events_and_latency_stays(artifact: Any) -> None:
-    """While nothing reads the server's stdout, sampled events are dropped and counted; the requests are answered
-    as fast as before (generous bounds); when stdout drains again, events are written again."""
+@dataclass
+class Run:
+    """What one real server at 50 % saw and wrote: first with its stdout read, then with it stalled."""
+
+    sent: dict[str, tuple[np.ndarray, list[float]]] = field(default_factory=dict)
+    opted_out: set[str] = field(default_factory=set)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    metrics_free: str = ""  # /metrics once the read phase's events were all written
+    free: list[float] = field(default_factory=list)  # request latencies (s) with stdout read
+    stalled: list[float] = field(default_factory=list)  # ... with stdout unread
+    metrics_stalled: str = ""
+    recovered: float = 0.0  # written_total once stdout is read again
+
+
+SAMPLE = 0.5
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    artifact = make_torch_mlp_artifact(tmp_path_factory.mktemp("plog") / "artifact", name=MODEL)
     env = {
-        ServerSettings.env_name("prediction_log_sample"): "1",
+        ServerSettings.env_name("prediction_log_sample"): str(SAMPLE),
+        ServerSettings.env_name("prediction_log_max_bytes"): "2048",
         ServerSettings.env_name("prediction_log_queue"): "20",
     }
+    out = Run()
+    rng = np.random.default_rng(11)
+    url = f"/v2/models/{MODEL}/infer"
     srv = StallableServer(artifact, env)
     try:
         srv.wait_ready()
-        body = infer_body(np.ones((1, 8), np.float32))
-        url = srv.url + f"/v2/models/{MODEL}/infer"
         with requests.Session() as http:
 
-            def timed(n: int) -> list[float]:
-                out = []
-                for _ in range(n):
-                    t0 = time.perf_counter()
-                    assert http.post(url, json=body, timeout=30).status_code == 200
-                    out.append(time.perf_counter() - t0)
-                return out
+            def post(rows: np.ndarray, headers: dict[str, str]) -> tuple[float, list[float]]:
+                t0 = time.perf_counter()
+                r = http.post(srv.url + url, json=infer_body(rows), headers=headers, timeout=30)
+                elapsed = time.perf_counter() - t0
+                assert r.status_code == 200, r.text
+                return elapsed, r.json()["outputs"][0]["data"]
 
-            def metrics() -> str:
-                return http.get(srv.url + "/metrics", timeout=30).text
+            def written() -> float:
+                return metric(http.get(srv.url + "/metrics", timeout=30).text, "dlstack_prediction_log_written_total")
 
-            free = timed(100)
-            assert metric(metrics(), "dlstack_prediction_log_dropped_total") == 0
-            srv.reading.clear()  # the shipper stalls: the 64 KiB pipe fills with a few dozen lines
-            stalled = timed(500)
-            text = metrics()
-            dropped = metric(text, "dlstack_prediction_log_dropped_total")
-            written_stalled = metric(text, "dlstack_prediction_log_written_total")
-            # The pipe, the writer's batch and the 20-event queue absorb well under 200 events of the 500.
-            assert dropped >= 300, dropped
-            assert max(stalled) < 5.0  # no request waited for stdout (generous: a blocked one waits forever)
-            assert float(np.median(stalled)) <= 5 * float(np.median(free)) + 0.05, (np.median(stalled), np.median(free))
-            srv.reading.set()  # the shipper catches up
+            # Read phase: 1-row requests (full events), 64-row ones (over max_bytes: summaries), some opted out.
+            for i in range(200):
+                rows = rng.normal(size=(64 if i % 7 == 0 else 1, 8)).astype(np.float32)
+                rid = f"plog-{i}"
+                headers = {"X-Request-ID": rid}
+                if i % 10 == 5:
+                    headers[NO_LOG_HEADER] = "off"
+                    out.opted_out.add(rid)
+                elapsed, answer = post(rows, headers)
+                out.sent[rid] = (rows, answer)
+                out.free.append(elapsed)
+            # The writer lags the answers by milliseconds: wait until its count holds still and stdout has it all.
+            deadline, last = time.monotonic() + 30, -1.0
+            while (count := written()) != last or len(srv.events()) != count:
+                assert time.monotonic() < deadline, "the written events reach stdout"
+                last = count
+                time.sleep(0.3)
+            out.events = srv.events()
+            out.metrics_free = http.get(srv.url + "/metrics", timeout=30).text
+            # Stalled phase: nothing reads stdout; the 64 KiB pipe fills with about a hundred lines.
+            srv.reading.clear()
+            one_row = np.ones((1, 8), np.float32)
+            out.stalled = [post(one_row, {})[0] for _ in range(600)]
+            out.metrics_stalled = http.get(srv.url + "/metrics", timeout=30).text
+            # The shipper catches up: events are written again.
+            srv.reading.set()
+            before = metric(out.metrics_stalled, "dlstack_prediction_log_written_total")
             deadline = time.monotonic() + 30
-            timed(5)
-            while metric(metrics(), "dlstack_prediction_log_written_total") <= written_stalled + 4:
-                assert time.monotonic() < deadline, "events are written again once stdout drains"
-                time.sleep(0.1)
+            while written() < before + 5 and time.monotonic() < deadline:
+                post(one_row, {})
+                time.sleep(0.05)
+            out.recovered = written()
     finally:
         srv.stop()
+    yield out
+
+
+def _sampled_events_carry_what_was_sent_and_answered(run: Run) -> None:
+    eligible = len(run.sent) - len(run.opted_out)  # 180 at 50 %: about 90, sd 6.7; ±35 is over 5 sd
+    assert abs(len(run.events) - SAMPLE * eligible) <= 35, len(run.events)
+    assert metric(run.metrics_free, "dlstack_prediction_log_written_total") == len(run.events)
+    assert metric(run.metrics_free, "dlstack_prediction_log_dropped_total") == 0
+    forms = set()
+    for d in run.events:
+        rid = d["http.request.id"]
+        assert rid in run.sent and rid not in run.opted_out
+        assert (d["labels.model"], d["labels.model_version"], d["http.response.status_code"]) == (MODEL, "1", 200)
+        assert d["dlstack.prediction.latency_ms"] > 0 and d["event.duration"] > 0
+        rows, answer = run.sent[rid]
+        (inp,), (out,) = d["dlstack.prediction.inputs"], d["dlstack.prediction.outputs"]
+        forms.add(d["dlstack.prediction.form"])
+        if d["dlstack.prediction.form"] == "full":
+            assert (inp["name"], inp["datatype"], inp["shape"]) == ("input", "FP32", [1, 8])
+            np.testing.assert_array_equal(np.array(inp["data"], np.float32), rows.ravel())
+            np.testing.assert_array_equal(np.array(out["data"], np.float32), np.array(answer, np.float32))
+        else:
+            assert rows.shape[0] == 64 and inp["shape"] == [64, 8] and "data" not in inp
+            assert inp["sha256"] == hashlib.sha256(rows.tobytes()).hexdigest()
+            assert inp["min"] == pytest.approx(float(rows.min())) and inp["max"] == pytest.approx(float(rows.max()))
+            assert out["shape"] == [64, 3]
+    assert forms == {"full", "summary"}
+
+
+def _stalled_stdout_drops_and_counts_without_slowing_requests(run: Run) -> None:
+    # 600 requests, about 300 sampled; the pipe, the writer's batch and the 20-event queue hold far fewer.
+    assert metric(run.metrics_stalled, "dlstack_prediction_log_dropped_total") >= 100
+    assert max(run.stalled) < 5.0  # no request waited for stdout (generous: a blocked one would wait for ever)
+    free, stalled = float(np.median(run.free)), float(np.median(run.stalled))
+    assert stalled <= 5 * free + 0.05, (stalled, free)
+    before = metric(run.metrics_stalled, "dlstack_prediction_log_written_total")
+    assert run.recovered >= before + 5, "events are written again once stdout drains"
+
+
+def test_real_server_prediction_log(run: Run, subtests: Any) -> None:
+    """One real server (xdist could split separate tests across workers, starting it twice); each check is a
+    subtest, reported on its own."""
+    for check in (
+        _sampled_events_carry_what_was_sent_and_answered,
+        _stalled_stdout_drops_and_counts_without_slowing_requests,
+    ):
+        with subtests.test(msg=check.__name__.strip("_")):
+            check(run)
+
+
+@pytest.mark.parametrize(
+    ("arr", "datatype"),
+    [
+        (np.array([[1.5, -2.0]], dtype=np.float16), "FP16"),
+        (np.array([[True, False, True]]), "BOOL"),
+        (np.array([[2**40, -3]], dtype=np.int64), "INT64"),
+        (np.array([[0, 255]], dtype=np.uint8), "UINT8"),
+        (np.zeros((0, 4), dtype=np.float32), "FP32"),
+    ],
+)
+def test_every_datatype_renders_full_and_summary(arr: np.ndarray, datatype: str) -> None:
+    p = prediction(model="types", inputs={"x": arr}, outputs={"y": arr})
+    full = json.loads(PredictionLog("types", "1", sample=1.0).line(p, now=0.0))["dlstack"]["prediction"]
+    assert full["inputs"] == [
+        {"name": "x", "datatype": datatype, "shape": list(arr.shape), "data": arr.ravel().tolist()}
+    ]
+    (s,) = predlog._summaries({"x": arr}) or []
+    assert (s["datatype"], s["shape"], s["sha256"]) == (
+        datatype,
+        list(arr.shape),
+        hashlib.sha256(arr.tobytes()).hexdigest(),
+    )
+    if arr.size:
+        assert (s["min"], s["max"]) == (float(arr.min()), float(arr.max()))
+    else:
+        assert s["min"] is s["max"] is s["mean"] is None
