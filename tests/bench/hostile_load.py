@@ -38,6 +38,7 @@ REPEATED_HEADERS = 5_000
 LONG_LINE_BYTES = 8 << 20
 IDLE_CONNS = 200
 ACCEPT_WINDOW_S = 2.0  # s of back-to-back new connections (one ready probe each) to measure the accept rate
+IDLE_SETTLE_S = 2.0  # s the idle connections stay silent before the accept rate is measured: idle, not just opened
 ACCEPT_KEEP = 0.5  # the accept rate with idle connections held must stay >= this fraction of the rate without
 PIPELINE_S = 5.0  # s a never-reading client keeps sending pipelined requests
 PIPELINE_RSS_LIMIT = 64 << 20  # bytes of server RSS growth a never-reading client may cause
@@ -240,6 +241,7 @@ def probe_idle_accept(host: str, port: int, baseline: float) -> Probe:
         for _ in range(IDLE_CONNS):
             with contextlib.suppress(OSError):
                 idle.append(_connect(host, port, timeout=5))
+        time.sleep(IDLE_SETTLE_S)
         rate, failures = _accept_rate(host, port, ACCEPT_WINDOW_S)
         still = sum(1 for s in idle if not _closed_within(s, 0.001)[0])
     finally:

@@ -1,13 +1,18 @@
-"""Server benchmark: dlstack vs the naive Flask+Gunicorn baseline vs an in-process loop.
+"""Server benchmark: dlstack vs the naive Flask+Gunicorn baseline, a transport floor and uvicorn's worker.
 
     python -m tests.bench.server_bench [--duration 15] [--quick] [--json out.json] [--check]
 
-One run builds the two reference TorchScript models (MLP 784-512-512-10, CNN on 3x64x64),
-measures them in-process, then starts `dlstack serve` (2 workers) and the naive baseline
-(tests/bench/naive_server.py, 2 sync workers, 1 torch thread each) and drives both with wrk
-(2 threads, one-row bodies, --latency) at 8 and 32 connections. It prints a markdown table
-with PASS/FAIL per target. wrk shares the CPUs with the servers, so compare ratios within one
-run, never absolute numbers across machines.
+One run builds the two reference TorchScript models (MLP 784-512-512-10, CNN on 3x64x64) packaged
+with defaults (model.yaml ``serving`` unset, so batching is automatic), measures them in-process,
+then starts `dlstack serve` (2 workers) and the naive baseline (tests/bench/naive_server.py, 2 sync
+workers, 1 torch thread each) and, for the MLP, dlstack with batching off (DLSTACK_MAX_BATCH_SIZE=1),
+the transport floor (tests/bench/floor_server.py: HTTP and decoding, no model) and dlstack's ASGI
+front end on uvicorn's gunicorn worker. wrk (2 threads, one-row bodies, --latency) drives them at 8
+and 32 connections in alternating rounds; the MLP is measured once more while 200 stalled
+connections are held on it (tests/bench/hostile_load.py), and both workers get the hostile probes.
+It prints a markdown table with PASS/FAIL per target, the probe table and the worker choice. wrk
+shares the CPUs with the servers, so compare ratios within one run, never absolute numbers across
+machines. ``--quick``: 3 s points and the fast probes only (no slowloris, long line or pipelining).
 """
 
 from __future__ import annotations
