@@ -512,8 +512,12 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| in-process {k} | {v:,.0f} samples/s |")
     for k, v in result.get("mean_batch_rows", {}).items():
         lines.append(f"| mean rows per forward pass, {k} | {v:.2f} |")
-    for seen in result.get("stalled_helper", [])[:1]:
-        lines.append(f"| stalled helper (one round) | {seen} |")
+    if seen := result.get("stalled_helper"):
+        lines.append(
+            f"| stalled connections, {len(seen)} rounds | at least {min(x.get('held', 0) for x in seen)} held at "
+            f"each round's end; {sum(x.get('opened', 0) for x in seen)} opened, "
+            f"{sum(x.get('closed_by_server', 0) for x in seen)} closed by the server |"
+        )
     lines.append(f"| load average (1 min) at the end | {result['machine'].get('loadavg_1m_at_end', 0):.2f} |")
     for note in result.get("notes", []):
         lines.append(f"| note | {note} |")
