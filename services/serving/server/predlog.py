@@ -11,7 +11,8 @@ stdout in order with them; Filebeat ships them and Logstash routes them to ``dls
 
 Inputs may be personal data: nothing is logged unless a rate is set, a request carrying
 ``X-Dlstack-Log: off`` is never logged, and an event whose line would exceed ``max_bytes`` carries
-a summary per tensor (shape, min/max/mean, sha256 of its bytes) instead of the values.
+a summary per tensor (shape, min/max/mean, sha256 of its bytes) instead of the values. A graceful exit
+writes what is still queued (for at most ``EXIT_FLUSH_S``); a killed worker loses it.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ WRITTEN = Counter(
 )
 DROPPED = Counter(
     "dlstack_prediction_log_dropped",
-    "Sampled prediction events dropped because the prediction log queue was full",
+    "Sampled prediction events not written: the queue was full (stdout stalled), or the event could not be",
     ["model", "version"],
 )
 
@@ -93,7 +94,9 @@ class PredictionLog:
         if not 0.0 <= sample <= 1.0:
             raise UserError(f"prediction_log_sample {sample} must be between 0 and 1 (e.g. 0.01 for 1 %)")
         if max_bytes < 256:
-            raise UserError(f"prediction_log_max_bytes {max_bytes} must be >= 256 (an event without tensors)")
+            raise UserError(
+                f"prediction_log_max_bytes {max_bytes} must be >= 256 (below that, every event is a summary)"
+            )
         if queue_size < 1:
             raise UserError(f"prediction_log_queue {queue_size} must be >= 1 event")
         self.model, self.version = model, version
@@ -192,7 +195,11 @@ class PredictionLog:
             self.written.inc(len(lines))
 
     def line(self, p: Prediction, now: float | None = None) -> bytes:
-        """The event's line: full tensors, or their summaries when that line would exceed ``max_bytes``."""
+        """The event's line: full tensors, or their summaries when that line would exceed ``max_bytes``.
+
+        A summary line is written even if it is longer: its size grows with the number of tensors (fixed by
+        the signature), never with their contents.
+        """
         now = time.time() if now is None else now
         full = _fits(p, self.max_bytes)
         if full:
