@@ -71,9 +71,11 @@ def test_cgroup_v2_and_v1_cpu_limits(tmp_path: Path) -> None:
 def test_cpu_limit_env_wins_and_bad_values_say_how_to_fix() -> None:
     assert cpu_limit({"DLSTACK_CPU_LIMIT": "500m"}) == 0.5
     assert cpu_limit({"DLSTACK_CPU_LIMIT": "3"}) == 3.0
-    with pytest.raises(UserError, match=r'DLSTACK_CPU_LIMIT=\'two\' is not a CPU count \(e.g. "2"'):
+    with pytest.raises(
+        UserError, match=r'DLSTACK_CPU_LIMIT=\'two\' is not a number; set it to a CPU count > 0, e.g. "2"'
+    ):
         cpu_limit({"DLSTACK_CPU_LIMIT": "two"})
-    with pytest.raises(UserError, match="must be > 0"):
+    with pytest.raises(UserError, match="set it to a CPU count > 0"):
         cpu_limit({"DLSTACK_CPU_LIMIT": "0"})
 
 
@@ -129,8 +131,8 @@ def test_gunicorn_conf_defaults_follow_the_cpu_limit(tmp_path: Path) -> None:
     ("env", "message"),
     [
         ({"DLSTACK_WORKERS": "two"}, "DLSTACK_WORKERS='two' is not an integer"),
-        ({"DLSTACK_MAX_BATCH_SIZE": "0"}, "DLSTACK_MAX_BATCH_SIZE='0' must be >= 1"),
-        ({"DLSTACK_CPU_LIMIT": "lots"}, "DLSTACK_CPU_LIMIT='lots' is not a CPU count"),
+        ({"DLSTACK_MAX_BATCH_SIZE": "0"}, "DLSTACK_MAX_BATCH_SIZE='0' is out of range; set it to a whole number >= 1"),
+        ({"DLSTACK_CPU_LIMIT": "lots"}, "DLSTACK_CPU_LIMIT='lots' is not a number; set it to a CPU count > 0"),
         ({"DLSTACK_ARTIFACT_DIR": ""}, "DLSTACK_ARTIFACT_DIR is not set"),
     ],
 )

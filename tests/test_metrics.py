@@ -56,7 +56,7 @@ def fire(srv: ServerHandle) -> Counter[tuple[str, int]]:
 
 
 def test_counts_equal_requests_sent_across_workers(tmp_path: Path) -> None:
-    art = make_torch_mlp_artifact(tmp_path / "mlp")
+    art = make_torch_mlp_artifact(tmp_path / "mlp", max_batch_size=1)  # one forward pass per request, counted below
     with start_server(art, workers=2) as srv:
         before = scrape(srv)  # start_server's own readiness probes are in here
         sent = fire(srv)

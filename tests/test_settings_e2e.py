@@ -106,15 +106,26 @@ def _serve(env: dict[str, str], art: Path) -> tuple[dict[str, Any], dict[str, An
     return meta, line["dlstack"]["settings"]
 
 
+@pytest.fixture(scope="module")
+def served(
+    rendered: dict[str, tuple[dict[str, str], Path]],
+) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """{stack entry: (GET /v2/models/{name}, the effective settings line)}: one real server per entry."""
+    return {entry: _serve(*rendered[entry]) for entry, *_ in CASES}
+
+
 @pytest.mark.parametrize(("entry", "expected"), [pytest.param(c[0], c[3], id=c[0]) for c in CASES])
 def test_stack_file_batching_reaches_the_server(
-    rendered: dict[str, tuple[dict[str, str], Path]], entry: str, expected: int
+    rendered: dict[str, tuple[dict[str, str], Path]],
+    served: dict[str, tuple[dict[str, Any], dict[str, Any]]],
+    entry: str,
+    expected: int,
 ) -> None:
     env, art = rendered[entry]
     batching = next(c[2] for c in CASES if c[0] == entry)
     # Only what the stack file sets is in the pod env; model.yaml decides the rest.
     assert ("DLSTACK_MAX_BATCH_SIZE" in env) == (batching is not None)
-    meta, settings = _serve(env, art)
+    meta, settings = served[entry]
     assert meta["parameters"]["max_batch_size"] == expected
     assert settings["max_batch_size"] == expected
     want_ms = batching["max_batch_time_ms"] if batching else read_spec(art).serving.max_batch_time_ms
@@ -122,17 +133,18 @@ def test_stack_file_batching_reaches_the_server(
     assert settings["workers"] == 1 and settings["cpu_limit"] == 1.0  # resources.cpu 500m: limit 2 x = 1000m
 
 
-def test_production_feedback_knobs_reach_the_server(rendered: dict[str, tuple[dict[str, str], Path]]) -> None:
-    env, art = rendered["override"]
+def test_production_feedback_knobs_reach_the_server(
+    rendered: dict[str, tuple[dict[str, str], Path]], served: dict[str, tuple[dict[str, Any], dict[str, Any]]]
+) -> None:
+    env = rendered["override"][0]
     assert env["DLSTACK_PREDICTION_LOG_SAMPLE"] == "0.01" and env["DLSTACK_DRIFT_SAMPLE"] == "0.1"
-    _, settings = _serve(env, art)
-    assert (settings["prediction_log_sample"], settings["prediction_log_max_bytes"]) == (0.01, 512)
-    assert settings["drift_sample"] == 0.1
-    # a stack entry without them leaves them off: the server's defaults, not a copy of them in the pod
-    off = rendered["auto"][0]
-    assert not {k for k in off if "PREDICTION_LOG" in k or "DRIFT" in k}
+    on, off = served["override"][1], served["auto"][1]
+    assert (on["prediction_log_sample"], on["prediction_log_max_bytes"], on["drift_sample"]) == (0.01, 512, 0.1)
+    # an entry without them leaves them out of the pod: the server's defaults (off), not a copy of them
+    assert not {k for k in rendered["auto"][0] if "PREDICTION_LOG" in k or "DRIFT" in k}
     defaults = ServerSettings.from_env({"DLSTACK_ARTIFACT_DIR": "/m"})
-    assert (defaults.prediction_log_sample, defaults.drift_sample) == (0.0, 0.0)
+    assert (off["prediction_log_sample"], off["drift_sample"]) == (defaults.prediction_log_sample, 0.0)
+    assert off["prediction_log_max_bytes"] == defaults.prediction_log_max_bytes
 
 
 def test_model_yaml_unset_means_auto_from_the_signature(tmp_path: Path) -> None:
