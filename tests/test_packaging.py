@@ -151,6 +151,22 @@ def test_torchscript_outputs_are_measured(
     assert oct(out.stat().st_mode & 0o777) == "0o755"
 
 
+@pytest.mark.parametrize(("shape", "rows"), [("-1x8", 8), ("1x8", 1)])
+def test_no_serving_flags_leave_batching_to_the_signature(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, torchscript: Path, shape: str, rows: int
+) -> None:
+    """Without --max-batch-size model.yaml leaves it unset: auto = 8 rows for a variable batch dim, else 1 (off)."""
+    out = tmp_path / "art"
+    code, stdout, _ = cli(
+        capsys, str(torchscript), "--name", "mlp", "--framework", "pytorch",
+        "--input", f"input:FP32:{shape}", "--out", str(out),
+    )  # fmt: skip
+    assert code == 0, stdout
+    spec = load_spec(out)
+    assert spec.serving.max_batch_size is None and "max_batch_size" not in (out / "model.yaml").read_text()
+    assert spec.max_batch_size == rows
+
+
 def test_torch_export_signature_is_inferred(tmp_path: Path) -> None:
     save_torch_export(tmp_path / "m.pt2")
     spec = package_model(tmp_path / "m.pt2", name="heads", framework="pytorch", out=tmp_path / "a")
