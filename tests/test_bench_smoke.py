@@ -73,6 +73,28 @@ def test_wrk_run_is_parsed_and_matches_the_server_count(servers: tuple[harness.S
     assert 0 < res.p50_ms <= res.p90_ms <= res.p99_ms, raw
 
 
+def test_uvicorn_worker_serves_the_same_answers(
+    servers: tuple[harness.Server, harness.Server, Path], tmp_path: Path
+) -> None:
+    missing = harness.uvicorn_available()
+    if missing:
+        pytest.skip(missing)
+    _, _, art = servers
+    _, _, x = server_bench._sample(art)
+    port = free_port()
+    cmd = harness.uvicorn_cmd(art, port, 1)
+    env = {"PYTHONPATH": str(harness.ROOT), **harness.uvicorn_env(art)}
+    with harness.start("dlstack-uvicorn", cmd, port, tmp_path / "uv.log", env=env) as uv:
+        server_bench.check_correct(uv, "mlp", art, server_bench._reference(art, x))  # JSON and binary
+        body, headers = harness.json_body("input", x)
+        res, raw = wrk.run(uv.infer_url("mlp"), body, headers, connections=4, duration_s=1)
+        assert res.requests > 0 and res.errors == 0, raw
+        # uvicorn names itself in every answer: the worker really is uvicorn's, not gunicorn_conf's default
+        assert requests.get(f"{uv.url}/v2/health/ready", timeout=10).headers.get("server") == "uvicorn"
+        rows = server_bench.mean_batch(uv)
+        assert rows is not None and 1.0 <= rows <= 8.0, rows
+
+
 def test_wrk_counts_error_responses(servers: tuple[harness.Server, harness.Server, Path]) -> None:
     dl, _, _ = servers
     body, headers = harness.json_body("input", np.zeros((1, 8), dtype=np.float32))
