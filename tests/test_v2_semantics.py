@@ -483,3 +483,29 @@ def test_server_nan_output_is_a_500_in_json_and_exact_in_binary(srv: ServerHandl
     n = int(r.headers["Inference-Header-Content-Length"])
     got = np.frombuffer(r.content[n:], "<f4")
     assert np.isnan(got[0]) and got[1] == 2.0
+
+
+def test_a_nan_the_model_returns_in_another_float_dtype_travels_in_binary(sig: Signature) -> None:
+    """Casting keeps NaN/Inf (only finite values that overflow are refused), so binary carries them."""
+    req = sig.decode(body(outputs=[{"name": "f32_out", "parameters": {"binary_data": True}}]))
+    data, json_len = sig.encode(req, outputs_like(req.inputs, f32=np.array([[np.nan, -np.inf]])))
+    assert json_len is not None
+    got = np.frombuffer(data[json_len:], "<f4")
+    assert np.isnan(got[0]) and got[1] == -np.inf
+
+
+def test_zeros_and_ones_in_a_body_without_true_or_false(tmp_path: Path) -> None:
+    """An FP32-only model (the torch MLP): the text check can prove there is no boolean, or not."""
+    from tests.conftest import make_torch_mlp_artifact
+
+    mlp = Signature(load_spec(make_torch_mlp_artifact(tmp_path / "mlp")))
+
+    def req(data: list[Any]) -> bytes:
+        return json.dumps({"inputs": [{"name": "input", "shape": [1, 8], "datatype": "FP32", "data": data}]}).encode()
+
+    ok = mlp.decode(req([0, 1, 0.0, 1.0, 0, 0, 0.5, 1]))
+    assert ok.inputs["input"].tolist() == [[0, 1, 0, 1, 0, 0, 0.5, 1]]
+    for data in ([0, 1, 0.0, True, 0, 0, 0.5, 1], [False, 1, 2, 3, 4, 5, 6, 7]):
+        with pytest.raises(UserError) as e:
+            mlp.decode(req(data))
+        assert e.value.message.startswith('input "input": datatype FP32 needs numbers in "data", got a mix of booleans')
