@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from services.serving.server.worker import EventLoopWorker
 
 MAX_PIPELINED = 16  # requests queued on one connection before the worker stops reading it
+LINGER_S = 1.0  # s a connection closed by the server keeps discarding what the client still sends
 SUPPORTED_VERSIONS = ("1.1", "1.0")
 
 
@@ -84,6 +85,7 @@ class HttpConnection(asyncio.Protocol):
         self.write_full = False  # unsent output is over write_buffer_bytes (pause_writing)
         self.reading = True
         self.begun = False  # a request began during the current read
+        self.lingering = False  # answered and half-closed: reading only to discard (see _linger)
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -113,7 +115,7 @@ class HttpConnection(asyncio.Protocol):
 
     def _flow(self) -> None:
         """Read only while the client takes its answers and the pipeline has room."""
-        want = not (self.write_full or self.pipeline_full or self.broken)
+        want = self.lingering or not (self.write_full or self.pipeline_full or self.broken)
         if want != self.reading and self.transport is not None and not self.transport.is_closing():
             self.reading = want
             if want:
@@ -335,12 +337,32 @@ class HttpConnection(asyncio.Protocol):
         if transport is not None:
             transport.write(data if req.method == b"HEAD" else data + body)
             if not keep:
-                transport.close()
+                if self.broken or req.keep_alive:  # the client may still be sending
+                    self._linger(transport)
+                else:
+                    transport.close()
         self.busy = False
         self.idle_since = time.monotonic()
         if keep:
             self.next()
         return keep
+
+    def _linger(self, transport: asyncio.Transport) -> None:
+        """Half-close, then discard what the client still sends for up to ``LINGER_S`` (or until it closes).
+
+        Closing a socket with unread bytes makes the kernel send a reset, which can destroy the answer (a 431,
+        a 408) before the client has read it.
+        """
+        try:
+            if not transport.can_write_eof():
+                raise NotImplementedError
+            transport.write_eof()  # after the answer is flushed
+        except NotImplementedError:  # a transport without half-close
+            transport.close()
+            return
+        self.broken = self.lingering = True
+        self._flow()
+        self.w.loop.call_later(LINGER_S, transport.close)
 
     def fail(self, status: int, message: str) -> None:
         """Answer a request that cannot be read, after the requests before it, then close: the rest of the
