@@ -64,6 +64,10 @@ class RawHeaders(Mapping[str, str]):
     def __getitem__(self, name: str) -> str:
         return self.raw[name.encode("latin-1")].decode("latin-1")
 
+    def get(self, name: str, default: Any = None) -> Any:  # the hot path's lookup: no KeyError raised and caught
+        value = self.raw.get(name.encode("latin-1"))
+        return default if value is None else value.decode("latin-1")
+
     def __iter__(self) -> Iterator[str]:
         return (k.decode("latin-1") for k in self.raw)
 
