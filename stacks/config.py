@@ -559,8 +559,14 @@ class CapacityConfig(_Strict):
     @field_validator("measured", mode="before")
     @classmethod
     def _measured(cls, v: Any) -> str:
+        import datetime
+
         text = v if isinstance(v, str) else str(v)  # YAML reads an unquoted 2026-11-28 as a date
-        if not _DATE.fullmatch(text):
+        try:
+            valid = bool(_DATE.fullmatch(text)) and bool(datetime.date.fromisoformat(text))
+        except ValueError:  # 2026-13-40
+            valid = False
+        if not valid:
             raise ValueError(f'{_q(text)} is not a date; write it as "YYYY-MM-DD"')
         return text
 
