@@ -109,7 +109,8 @@ def _with_autoscaling(stack: str, dest: Path, entries: dict[str, str] | None = N
             '"YYYY-MM-DD"',
         ),
         (
-            "autoscaling: {metric: rps}\n      capacity: {per_replica_rps: 10.0, headroom: 0.3, measured: 2026-13-40}",
+            "autoscaling: {metric: rps}\n"
+            "      capacity: {per_replica_rps: 10.0, headroom: 0.3, measured: '2026-13-40'}",
             'Pulumi.prod.yaml: dlstack:models[1].capacity.measured: "2026-13-40" is not a date; write it as '
             '"YYYY-MM-DD"',
         ),
