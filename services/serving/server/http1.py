@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from collections import deque
 from typing import TYPE_CHECKING
@@ -26,6 +25,7 @@ from gunicorn import util
 
 from services.serving.errors import DlstackError
 from services.serving.server.app import Reply, too_large
+from services.serving.server.routes import request_id
 
 if TYPE_CHECKING:
     from services.serving.server.worker import EventLoopWorker
@@ -386,9 +386,10 @@ class HttpConnection(asyncio.Protocol):
         self.next()
 
     def _answer_error(self, req: Request, status: int, message: str) -> None:
-        rid = req.header(b"x-request-id")
-        if not rid or len(rid) > 200:
-            rid = os.urandom(16).hex()
+        client = req.header(b"x-request-id")
+        if client is None:  # the headers ended early (a limit, a timeout): the lines read so far
+            client = next((v.decode("latin-1") for k, v in req.fields if k == b"x-request-id"), None)
+        rid = request_id(client)
         self.w.inflight += 1
         body = _error_body(message, rid if status >= 500 else None)
         self.w.finish(self, req, rid, "other", Reply(body, status), message, "HttpError")
