@@ -140,3 +140,72 @@ def test_requests_are_counted_and_logged_once(asgi: tuple[ServerHandle, np.ndarr
     assert lines[0]["http"]["response"]["status_code"] == 200
     text = requests.get(f"{srv.url}/metrics").text
     assert 'dlstack_requests_total{code="200",model="mlp",route="infer",version="1"}' in text
+
+
+async def asgi_request(app: Any, method: str, path: str, body: bytes = b"") -> tuple[int, dict[bytes, bytes], bytes]:
+    """One request through the ASGI 3 interface, as an ASGI server makes it."""
+    sent: list[dict[str, Any]] = []
+    incoming = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode(), "headers": headers}
+    await app(scope, receive, send)
+    start, answer = sent
+    return start["status"], dict(start["headers"]), answer["body"]
+
+
+def test_ready_is_503_until_the_model_is_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model loads in the background: live at once, ready (and inference) once it is loaded."""
+    import asyncio
+    import threading
+
+    import services.serving.runtimes
+    from services.serving.server.asgi import create_app
+    from services.serving.server.settings import ServerSettings
+
+    gate = threading.Event()
+    real_create = services.serving.runtimes.create_runtime
+
+    def gated_create(*args: Any, **kw: Any) -> Any:
+        runtime = real_create(*args, **kw)
+        real_load = runtime.load
+
+        def slow_load() -> None:
+            assert gate.wait(60)  # the "big model" finishes loading when the test says so
+            real_load()
+
+        runtime.load = slow_load  # type: ignore[method-assign]
+        return runtime
+
+    monkeypatch.setattr(services.serving.runtimes, "create_runtime", gated_create)
+    app = create_app(ServerSettings(artifact_dir=make_torch_mlp_artifact(tmp_path / "mlp")))
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 8], "datatype": "FP32", "data": [1] * 8}]}).encode()
+
+    async def scenario() -> None:
+        status, headers, answer = await asgi_request(app, "GET", "/v2/health/live")
+        assert (status, answer, headers[b"content-type"]) == (200, b'{"live":true}', b"application/json")
+        assert len(headers[b"x-request-id"]) == 32  # made for it: the request had none
+        status, _, answer = await asgi_request(app, "GET", "/v2/health/ready")
+        assert status == 503 and json.loads(answer) == {"ready": False, "error": "not ready: model is loading"}
+        infer = asyncio.ensure_future(asgi_request(app, "POST", "/v2/models/mlp/infer", body))
+        await asyncio.sleep(0.2)
+        assert not infer.done()  # it waits for the load, off the loop: the loop still answers
+        assert (await asgi_request(app, "GET", "/v2/health/live"))[0] == 200
+        gate.set()
+        status, _, answer = await asyncio.wait_for(infer, 60)
+        assert status == 200 and json.loads(answer)["outputs"][0]["shape"] == [1, 3]
+        assert (await asgi_request(app, "GET", "/v2/health/ready"))[0] == 200
+        status, _, answer = await asgi_request(app, "POST", "/v2/models/mlp/infer", body)  # now on the loop
+        assert status == 200 and json.loads(answer)["outputs"][0]["shape"] == [1, 3]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        gate.set()
+        app.infer_thread.shutdown()
