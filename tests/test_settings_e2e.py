@@ -244,6 +244,14 @@ def test_settings_to_env_uses_the_field_names_and_refuses_typos() -> None:
         ServerSettings.to_env(max_batch_size=0)
 
 
+def test_a_misspelled_setting_is_named_with_the_right_one() -> None:
+    env = {"DLSTACK_MAX_BATCHSIZE": "4", "DLSTACK_WORKER": "2", "DLSTACK_REGISTRY": "/r", "DLSTACK_WORKERS": "2"}
+    assert ServerSettings.misspelled(env) == [
+        "DLSTACK_MAX_BATCHSIZE is not a server setting and is ignored; did you mean DLSTACK_MAX_BATCH_SIZE?",
+        "DLSTACK_WORKER is not a server setting and is ignored; did you mean DLSTACK_WORKERS?",
+    ]  # the registry's own variable shares the prefix and is no typo
+
+
 @pytest.mark.parametrize("how", ["gunicorn", "dlstack serve"])
 def test_a_bad_env_fails_once_before_any_worker_starts(tmp_path: Path, how: str) -> None:
     art = make_torch_mlp_artifact(tmp_path / "mlp")

@@ -116,6 +116,8 @@ def on_starting(server: Any) -> None:
                 f.unlink(missing_ok=True)
         path.mkdir(parents=True, exist_ok=True)
     server.log.info("layout: %d workers x %d threads, %s intra-op threads each", workers, threads, _INTRA_OP_THREADS)
+    for warning in ServerSettings.misspelled(os.environ):
+        server.log.warning(warning)
     values = effective_settings()
     server.log.info(
         "effective settings: %s", " ".join(f"{k}={v}" for k, v in values.items()), extra={"dlstack.settings": values}

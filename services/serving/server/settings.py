@@ -10,6 +10,7 @@ exist only here. ``max_batch_size``, ``max_batch_time_ms``, ``max_body_bytes`` a
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import sys
@@ -135,6 +136,21 @@ class ServerSettings(BaseSettings):
         if field not in ServerSettings.model_fields:
             raise KeyError(f"ServerSettings has no field {field!r}")
         return ENV_PREFIX + field.upper()
+
+    @staticmethod
+    def misspelled(env: Mapping[str, str]) -> list[str]:
+        """A warning per ``DLSTACK_*`` name that is no setting but close to one (a typo is otherwise ignored).
+
+        Only near misses: the tooling's own variables (DLSTACK_REGISTRY, DLSTACK_CACHE ...) share the prefix.
+        """
+        known = [ServerSettings.env_name(f) for f in ServerSettings.model_fields]
+        out = []
+        for key in sorted(env):
+            if key.upper().startswith(ENV_PREFIX) and key.upper() not in known:
+                close = difflib.get_close_matches(key.upper(), known, n=1, cutoff=0.85)
+                if close:
+                    out.append(f"{key} is not a server setting and is ignored; did you mean {close[0]}?")
+        return out
 
     @staticmethod
     def to_env(**values: Any) -> dict[str, str]:
