@@ -63,10 +63,9 @@ def test_request_ids_are_made_in_one_place() -> None:
         for n, line in enumerate(path.read_text().splitlines(), 1)
         if "urandom(" in line or "uuid4" in line
     }
-    # http1.HttpConnection.fail (the HTTP hardening work) still makes the id of a request it rejects
-    # before routing; it should call routes.request_id too.
-    allowed = {m for m in makers if m.startswith("services/serving/server/http1.py:")}
-    assert {m.split(":")[0] for m in makers - allowed} == {"services/serving/server/routes.py"}
+    assert {m.split(":")[0] for m in makers} == {"services/serving/server/routes.py"}, makers
+    for front_end in ("worker.py", "app.py", "asgi.py", "http1.py"):
+        assert "request_id(" in (SERVING / "server" / front_end).read_text(), front_end
     assert request_id("trace-abc_1.2/3:4") == "trace-abc_1.2/3:4"
     for bad in (None, "", "has space", "x" * 201, "caf\u00e9", "tab\there"):
         made = request_id(bad)

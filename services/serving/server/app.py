@@ -254,13 +254,8 @@ class WsgiFrontEnd:
         return [] if method == "HEAD" else [reply.body]
 
 
-def create_app(config: ServerSettings | None = None, *, background_load: bool = True) -> Flask:
-    """App factory; gunicorn calls it in each worker (``services.serving.server.app:create_app()``).
-
-    The model loads in a background thread so ``/v2/health/live`` answers at once (a liveness
-    probe must not kill a pod that is loading a big model); readiness is 503 until it is loaded,
-    and an inference request that arrives meanwhile waits for the load (up to ``LOAD_WAIT_S``).
-    """
+def start_server(config: ServerSettings | None = None, *, background_load: bool = True) -> ModelServer:
+    """The model server of this worker with its observers, its model loading: what every front end starts with."""
     logs.setup()
     config = config or ServerSettings.from_env()  # gunicorn_conf validated it in the master
     server = ModelServer(config)
@@ -270,6 +265,17 @@ def create_app(config: ServerSettings | None = None, *, background_load: bool = 
         threading.Thread(target=server.load, name="dlstack-model-load", daemon=True).start()
     else:
         server.load()
+    return server
+
+
+def create_app(config: ServerSettings | None = None, *, background_load: bool = True) -> Flask:
+    """App factory; gunicorn calls it in each worker (``services.serving.server.app:create_app()``).
+
+    The model loads in a background thread so ``/v2/health/live`` answers at once (a liveness
+    probe must not kill a pod that is loading a big model); readiness is 503 until it is loaded,
+    and an inference request that arrives meanwhile waits for the load (up to ``LOAD_WAIT_S``).
+    """
+    server = start_server(config, background_load=background_load)
     app = Flask("dlstack", static_folder=None)
     app.extensions["dlstack"] = server
     app.url_map = server.router.url_map  # the route table, for url_for, the test client and the OpenAPI test

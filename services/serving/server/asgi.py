@@ -16,7 +16,6 @@ server's business: uvicorn stops accepting and finishes what it has.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +23,7 @@ from typing import Any
 
 from services.serving.errors import PayloadTooLarge
 from services.serving.server import logs
-from services.serving.server.app import ModelServer
+from services.serving.server.app import ModelServer, start_server
 from services.serving.server.batching import LoopBatcher
 from services.serving.server.inference import answer, infer_async, notify, record, too_large
 from services.serving.server.routes import Call, RawHeaders, Reply, error_reply, request_id
@@ -145,10 +144,4 @@ async def _read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) 
 
 def create_app(config: ServerSettings | None = None, *, background_load: bool = True) -> AsgiApp:
     """ASGI app factory (``services.serving.server.asgi:create_app()``), called in each worker after fork."""
-    logs.setup()
-    server = ModelServer(config or ServerSettings.from_env())
-    if background_load:
-        threading.Thread(target=server.load, name="dlstack-model-load", daemon=True).start()
-    else:
-        server.load()
-    return AsgiApp(server)
+    return AsgiApp(start_server(config, background_load=background_load))
