@@ -6,6 +6,7 @@ import re
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +155,25 @@ def test_worker_choice_follows_the_issue_rule() -> None:
     fragile = server_bench.worker_choice([pt("dlstack", 1000), pt("dlstack-uvicorn", 990)], weaker, 32)
     assert fragile["choice"] == "EventLoopWorker" and fragile["probes_only_ours_pass"] == ["p1"]
     assert not server_bench.worker_choice([pt("dlstack", 1000)], same, 32)["decided"]
+
+    points = [pt("dlstack", 1000), pt("dlstack-uvicorn", 750)]
+    result = {
+        "settings": {"duration_s": 15, "floor": "protocol"},
+        "machine": {"cpus": 2, "loadavg_1m_at_end": 1.5},
+        "points": [asdict(p) for p in points],
+        "targets": [asdict(t) for t in server_bench.targets(points, {}, {}, 32, 200)],
+        "probes": weaker,
+        "worker_choice": fragile,
+        "cold_start_s": {},
+        "memory_pss_bytes": {},
+        "in_process_samples_per_s": {},
+        "stalled_helper": [{"held": 200, "opened": 230, "closed_by_server": 30}] * 3,
+    }
+    md = server_bench.markdown(result)
+    assert "| hostile probe | EventLoopWorker (ours) | UvicornWorker |" in md
+    assert "| p1 | pass:  | FAIL:  |" in md
+    assert "Worker choice: **EventLoopWorker** — uvicorn fails probes ours passes: p1." in md
+    assert "| stalled connections, 3 rounds | at least 200 held at each round's end; 690 opened, 90 closed" in md
 
 
 @pytest.fixture(scope="module")
