@@ -195,6 +195,17 @@ def test_floor_decodes_like_a_model_server_and_takes_load(
     assert res.requests > 0 and res.errors == 0, raw
 
 
+def test_the_other_floor_implementation_decodes_alike(
+    servers: tuple[harness.Server, harness.Server, Path], tmp_path: Path
+) -> None:
+    _, _, art = servers
+    other = next(i for i in floor_server.IMPLS if i != floor_server.FLOOR_IMPL)
+    port = free_port()
+    cmd = floor_server.cmd(other, port, (-1, 8))
+    with harness.start(f"floor-{other}", cmd, port, tmp_path / "f.log", env={"PYTHONPATH": str(harness.ROOT)}) as f:
+        server_bench.check_floor(f, art)
+
+
 def test_stalled_connections_are_held_and_reopened(servers: tuple[harness.Server, harness.Server, Path]) -> None:
     dl, _, _ = servers
     with server_bench.stalled_connections(dl, 20, Path(dl.log_path).parent) as seen:
