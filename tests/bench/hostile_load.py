@@ -81,7 +81,10 @@ def hold_stalled(host: str, port: int, conns: int, stop: threading.Event) -> dic
                 break
             sel.register(s, selectors.EVENT_READ)
             opened += 1
-        for key, _ in sel.select(REFRESH_S):
+        events = sel.select(REFRESH_S)
+        if stop.is_set():  # stopped while waiting: what was open then is what was held
+            break
+        for key, _ in events:
             sock: socket.socket = key.fileobj  # type: ignore[assignment]
             try:
                 data = sock.recv(65536)
