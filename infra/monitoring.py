@@ -96,7 +96,13 @@ class Monitoring(pulumi.ComponentResource):
         groups = rule_groups(list(args.models)) if args.models else []
         boards = {
             f"dlstack-model-{m.name}": model_dashboard(
-                m.name, m.namespace, error_ratio=m.error_ratio, p99_ms=m.p99_ms, deployment=m.deployment
+                m.name,
+                m.namespace,
+                error_ratio=m.error_ratio,
+                p99_ms=m.p99_ms,
+                deployment=m.deployment,
+                drift_window=m.drift_window if m.drift else "",
+                drift_psi=m.drift_psi,
             )
             for m in args.models
         }

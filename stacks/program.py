@@ -380,6 +380,7 @@ def _observability(cfg: StackConfig, opts: pulumi.ResourceOptions) -> dict[str, 
             models_namespace=ns.models,
             version=lg.version,
             retention_days=lg.retention_days,
+            predictions_retention_days=lg.predictions_retention_days,
             es_nodes=lg.elasticsearch.nodes,
             es_cpu=lg.elasticsearch.cpu,
             es_memory=lg.elasticsearch.memory,
@@ -395,7 +396,7 @@ def _observability(cfg: StackConfig, opts: pulumi.ResourceOptions) -> dict[str, 
             namespace=ns.monitoring,
             # Models that scale on load get the short-window rules their ScaledObject queries.
             models=tuple(
-                dataclasses.replace(slo, load_rules=m.autoscaling is not None)
+                dataclasses.replace(slo, load_rules=m.autoscaling is not None, drift=m.drift is not None)
                 for slo, m in zip(slos_for(cfg.models, ns.models), cfg.models, strict=True)
             ),
             retention=mon.retention,

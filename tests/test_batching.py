@@ -132,10 +132,10 @@ def test_a_failed_forward_reaches_every_request_of_the_batch() -> None:
 
 def test_batching_off_calls_the_model_directly(tmp_path: Path) -> None:
     from services.serving.server.app import create_app
-    from services.serving.server.config import ServerConfig
+    from services.serving.server.settings import ServerSettings
 
     art = make_torch_mlp_artifact(tmp_path / "mlp", max_batch_size=8)
-    app = create_app(ServerConfig(artifact_dir=art, max_batch_size=1), background_load=False)  # flag beats yaml
+    app = create_app(ServerSettings(artifact_dir=art, max_batch_size=1), background_load=False)  # flag beats yaml
     server = app.extensions["dlstack"]
     assert not server.batcher.enabled
     seen = []

@@ -17,7 +17,7 @@ import requests
 from services.packaging import framework_message, parse_datatype
 from services.serving.artifact import Datatype, read_spec
 from services.serving.errors import UserError
-from services.serving.server.config import log_format
+from services.serving.server.settings import log_format
 from stacks.cli import main
 from tests.conftest import ROOT, free_port, make_torch_mlp_artifact
 from tests.serving import ServerHandle

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from services.serving.errors import UserError
-from services.serving.server.config import cgroup_cpu_limit, cpu_limit, layout
+from services.serving.server.settings import cgroup_cpu_limit, cpu_limit, layout
 from tests.conftest import ROOT, make_torch_mlp_artifact
 from tests.serving import ServerHandle, start_server
 
@@ -294,7 +294,7 @@ def test_live_answers_while_the_model_loads_and_infer_waits_for_it(tmp_path: Pat
     """Liveness never depends on the model: a slow load must not make a liveness probe time out."""
     import services.serving.runtimes
     from services.serving.server.app import create_app
-    from services.serving.server.config import ServerConfig
+    from services.serving.server.settings import ServerSettings
 
     gate = threading.Event()
     real_create = services.serving.runtimes.create_runtime
@@ -312,7 +312,7 @@ def test_live_answers_while_the_model_loads_and_infer_waits_for_it(tmp_path: Pat
 
     monkeypatch.setattr(services.serving.runtimes, "create_runtime", gated_create)
     art = make_torch_mlp_artifact(tmp_path / "mlp")
-    app = create_app(ServerConfig(artifact_dir=art))
+    app = create_app(ServerSettings(artifact_dir=art))
     client = app.test_client()
     assert client.get("/v2/health/live").json == {"live": True}
     r = client.get("/v2/health/ready")

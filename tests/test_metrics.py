@@ -116,11 +116,11 @@ def test_stale_metric_files_are_cleared_and_owned_dir_removed(tmp_path: Path) ->
 
 def test_every_flask_endpoint_is_a_contract_route_label(tmp_path: Path) -> None:
     from services.serving.server.app import create_app
-    from services.serving.server.config import ServerConfig
     from services.serving.server.metrics import ROUTES
+    from services.serving.server.settings import ServerSettings
 
     contract = {"infer", "v1_predict", "model_metadata", "model_ready", "server_metadata", "live", "ready",
                 "metrics", "openapi", "other"}  # fmt: skip
     assert set(ROUTES) == contract
-    app = create_app(ServerConfig(artifact_dir=make_torch_mlp_artifact(tmp_path / "mlp")), background_load=False)
+    app = create_app(ServerSettings(artifact_dir=make_torch_mlp_artifact(tmp_path / "mlp")), background_load=False)
     assert {r.endpoint for r in app.url_map.iter_rules()} == contract - {"other"}

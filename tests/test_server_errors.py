@@ -233,7 +233,7 @@ def test_internal_error_is_500_with_request_id(tmp_path: Path) -> None:
     import torch
 
     from services.serving.server.app import create_app
-    from services.serving.server.config import ServerConfig
+    from services.serving.server.settings import ServerSettings
     from tests.conftest import write_torchscript_artifact
 
     class Boom(torch.nn.Module):
@@ -243,7 +243,7 @@ def test_internal_error_is_500_with_request_id(tmp_path: Path) -> None:
             return x * 2
 
     write_torchscript_artifact(tmp_path, Boom(), name="boom", inputs=("x", 2), outputs=("y", 2))
-    client = create_app(ServerConfig(artifact_dir=tmp_path), background_load=False).test_client()
+    client = create_app(ServerSettings(artifact_dir=tmp_path), background_load=False).test_client()
     body = {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [42, 0]}]}
     r = client.post("/v2/models/boom/infer", json=body, headers={"X-Request-ID": "rid-500"})
     assert r.status_code == 500

@@ -170,13 +170,13 @@ def test_kserve_v1_predict(mlp: tuple[ServerHandle, Path], expected: np.ndarray)
 
 def test_openapi_documents_exactly_the_flask_rules(mlp: tuple[ServerHandle, Path]) -> None:
     from services.serving.server.app import create_app
-    from services.serving.server.config import ServerConfig
     from services.serving.server.openapi import served_operations
+    from services.serving.server.settings import ServerSettings
 
     doc = requests.get(f"{mlp[0].url}/v2/openapi.json").json()
     assert doc["openapi"].startswith("3.")
     documented = {(p, m) for p, ops in doc["paths"].items() for m in ops}
-    app = create_app(ServerConfig(artifact_dir=mlp[1]), background_load=False)
+    app = create_app(ServerSettings(artifact_dir=mlp[1]), background_load=False)
     assert documented == served_operations(app)
     rules = {r.rule for r in app.url_map.iter_rules()}
     assert "/v2/models/<name>/versions/<version>/infer" in rules and "/v1/models/<name>:predict" in rules

@@ -320,13 +320,13 @@ def worker(tmp_path: Path) -> Iterator[EventLoopWorker]:
     from gunicorn.config import Config
 
     from services.serving.server.app import create_app
-    from services.serving.server.config import ServerConfig
+    from services.serving.server.settings import ServerSettings
 
     art = make_torch_mlp_artifact(tmp_path / "mlp")
 
     class App:  # what gunicorn's Application hands a worker
         def wsgi(self) -> object:
-            return create_app(ServerConfig(artifact_dir=art), background_load=False)
+            return create_app(ServerSettings(artifact_dir=art), background_load=False)
 
     cfg = Config()
     w = EventLoopWorker(0, os.getpid(), [], App(), 30, cfg, glogging.Logger(cfg))

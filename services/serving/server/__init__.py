@@ -4,7 +4,6 @@ Kept import-light: gunicorn's master imports ``gunicorn_conf`` and the CLI impor
 package, neither may pull in Flask or a framework. Import ``create_app`` from ``.app``.
 """
 
-from services.serving.server.config import ServerConfig, cpu_limit
-from services.serving.server.settings import Layout, ServerSettings, layout
+from services.serving.server.settings import Layout, ServerSettings, cpu_limit, layout
 
-__all__ = ["Layout", "ServerConfig", "ServerSettings", "cpu_limit", "layout"]
+__all__ = ["Layout", "ServerSettings", "cpu_limit", "layout"]

@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--threads",
         type=_positive,
-        help="threads per worker for the Flask routes (metadata, /metrics, OpenAPI); default 4",
+        help="threads per worker for routes that may block (/metrics, requests during the model load); default 4",
     )
     p.add_argument(
         "--max-batch-size",

@@ -21,7 +21,7 @@ import ecs_logging
 import orjson
 from gunicorn import glogging
 
-from services.serving.server.config import log_format
+from services.serving.server.settings import log_format
 
 SERVICE_NAME = "dlstack-model-server"
 ACCESS_DATASET = "dlstack.access"

@@ -3,7 +3,8 @@
 An observer is called on the thread that finishes the request (the worker's event loop, or a WSGI
 thread), after the answer is on its way. It must never block or raise: anything slow goes through
 its own bounded queue. The tensors are the arrays the model saw and produced, shared, never copied:
-observers read them and must not modify or keep them beyond the call unless they copy.
+observers must not modify them. Keeping a reference (e.g. on a queue) is safe: the path never writes
+to them after the answer (request bodies are immutable bytes; batching stacks into new arrays).
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ class ServerSettings(BaseSettings):
     artifact_dir: Path  # required; the model artifact (model.yaml + files)
     bind: str = "0.0.0.0:8080"  # default 0.0.0.0:8080; gunicorn bind address host:port
     workers: int | None = Field(default=None, ge=1)  # default None = CPU limit rounded up; worker processes
-    http_threads: int = Field(default=4, ge=1)  # default 4; threads per worker for the Flask routes
+    http_threads: int = Field(default=4, ge=1)  # default 4; threads per worker for blocking routes (/metrics, load wait)
     cpu_limit: float | None = Field(default=None, gt=0)  # default None = cgroup cpu.max, else CPU count; CPUs
     intra_op_threads: int | None = Field(default=None, ge=1)  # default None = model.yaml threads, else CPUs/workers
     timeout: int = Field(default=60, ge=1)  # default 60 s a worker may stay silent before the master kills it
@@ -307,10 +307,10 @@ def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
 
 @dataclass(frozen=True)
 class Layout:
-    """How the CPU limit is split: processes, their Flask-route threads, and intra-op threads per process."""
+    """How the CPU limit is split: processes, their blocking-route threads, and intra-op threads per process."""
 
     workers: int  # default = CPU limit rounded up; gunicorn worker processes
-    http_threads: int  # default 4; threads per worker for the Flask routes (inference runs on the event loop)
+    http_threads: int  # default 4; threads per worker for blocking routes (inference runs on the event loop)
     intra_op_threads: int  # default CPU limit / workers, at least 1; framework threads per worker
 
 
@@ -318,10 +318,28 @@ def layout(cpus: float, workers: int | None = None, http_threads: int | None = N
     """One worker per CPU keeps the GIL out of the way.
 
     Each worker answers inference and health on its event loop and runs forward passes in one
-    inference thread; ``http_threads`` only serve the Flask routes (metadata, /metrics, OpenAPI),
+    inference thread; ``http_threads`` only serve routes that may block (/metrics, requests during the load),
     so they do not need to grow with the load or the batch size (``max_batch_size`` is kept for
     callers). A batch fills from the requests that arrive while the previous one runs.
     """
     w = workers or max(1, math.ceil(cpus))
     t = http_threads or ServerSettings.model_fields["http_threads"].default
     return Layout(workers=w, http_threads=t, intra_op_threads=max(1, int(cpus // w)))
+
+
+def _env_only(env: Mapping[str, str] | None, field: str) -> ServerSettings:
+    """Settings for one field, without requiring DLSTACK_ARTIFACT_DIR (these callers need no artifact)."""
+    env = os.environ if env is None else env
+    key = ServerSettings.env_name(field)
+    given = {key: env[key]} if env.get(key) else {}
+    return ServerSettings.from_env({**given, ServerSettings.env_name("artifact_dir"): "-"})
+
+
+def cpu_limit(env: Mapping[str, str] | None = None) -> float:
+    """CPUs this container may use: ``DLSTACK_CPU_LIMIT``, else cgroup ``cpu.max``, else ``os.cpu_count()``."""
+    return _env_only(env, "cpu_limit").cpus()
+
+
+def log_format(env: Mapping[str, str] | None = None, isatty: bool | None = None) -> str:
+    """``DLSTACK_LOG_FORMAT``: "json" or "text"; default "auto" = text when stdout is a terminal, else json."""
+    return _env_only(env, "log_format").resolved_log_format(isatty)
