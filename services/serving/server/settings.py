@@ -51,7 +51,7 @@ class ServerSettings(BaseSettings):
     artifact_dir: Path  # required; the model artifact (model.yaml + files)
     bind: str = "0.0.0.0:8080"  # default 0.0.0.0:8080; gunicorn bind address host:port
     workers: int | None = Field(default=None, ge=1)  # default None = CPU limit rounded up; worker processes
-    http_threads: int = Field(default=4, ge=1)  # default 4; threads per worker for blocking routes (/metrics, load wait)
+    http_threads: int = Field(default=4, ge=1)  # default 4; threads per worker for blocking routes
     cpu_limit: float | None = Field(default=None, gt=0)  # default None = cgroup cpu.max, else CPU count; CPUs
     intra_op_threads: int | None = Field(default=None, ge=1)  # default None = model.yaml threads, else CPUs/workers
     timeout: int = Field(default=60, ge=1)  # default 60 s a worker may stay silent before the master kills it
