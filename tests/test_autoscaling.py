@@ -19,7 +19,6 @@ import math
 import shutil
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,8 +33,10 @@ from infra.model_service import ModelService, ModelServiceArgs
 from services.serving.errors import UserError
 from stacks.config import ConfigError, load_stack_config
 from stacks.mocks import HELM_RELEASE, RecordingMocks, RecordingMonitor, run_program
-from tests.conftest import ROOT, free_port, make_torch_mlp_artifact
+from tests.conftest import ROOT, make_torch_mlp_artifact
 from tests.k8s_checks import crd_errors, kubernetes_errors, load_manifests, stack_registry
+from tests.prometheus import query as _query
+from tests.prometheus import running_prometheus, wait_for
 from tests.serving import start_server
 
 PROM_URL = "http://kube-prometheus-stack-prometheus.monitoring.svc:9090"
@@ -408,7 +409,6 @@ def test_checkov_passes_what_autoscaling_adds(tmp_path_factory: pytest.TempPathF
 
 MODEL = "e2e-auto"
 NS = "ml"
-PROMETHEUS = shutil.which("prometheus")
 
 
 class _Load:
@@ -437,25 +437,6 @@ class _Load:
             t.join(30)
 
 
-def _query(url: str, expr: str) -> list[dict[str, Any]]:
-    body = requests.get(f"{url}/api/v1/query", params={"query": expr}, timeout=10).json()
-    assert body.get("status") == "success", f"Prometheus rejected {expr!r}: {body.get('error')}"
-    return list(body["data"]["result"])
-
-
-def _wait(ok: Any, timeout: float, what: str) -> Any:
-    deadline, last = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        try:
-            value = ok()
-            if value:
-                return value
-        except (requests.RequestException, AssertionError) as exc:  # starting up
-            last = exc
-        time.sleep(0.5)
-    raise TimeoutError(f"{what}: not reached in {timeout} s ({last})")
-
-
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, _Load]]:
     tmp = tmp_path_factory.mktemp("autoscaling-e2e")
@@ -472,27 +453,10 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
                 for job in (MODEL, f"{MODEL}-canary")
             ],
         }
-        with (tmp / "prometheus.yml").open("w") as fh:
-            YAML(typ="safe", pure=True).dump(config, fh)
-        port = free_port()
-        assert PROMETHEUS
-        proc = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-            stdout=subprocess.DEVNULL, stderr=(tmp / "prometheus.log").open("w"),
-        )  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
-        try:
-            _wait(lambda: _query(url, f'up{{job="{MODEL}"}} == 1'), 60, "first scrape of the server")
+        with running_prometheus(tmp, config) as url:
+            wait_for(lambda: _query(url, f'up{{job="{MODEL}"}} == 1'), 60, "first scrape of the server", interval=0.5)
             with _Load(f"{server.url}/v2/models/{MODEL}/infer") as load:
                 yield url, load
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
 
 
 @pytest.mark.tool("prometheus")
@@ -504,7 +468,7 @@ def test_trigger_query_returns_the_stable_jobs_load(prometheus: tuple[str, _Load
     record = {"rps": LOAD_RPS, "inflight": LOAD_INFLIGHT, "p99_ms": LOAD_P99}[metric]
     rule = f'{record}{{namespace="{NS}", model="{MODEL}"}}'
     # The recording rule has evaluated on real series: one per job, carrying the labels the query selects.
-    series = _wait(lambda: len(_query(url, rule)) == 2 and _query(url, rule), 60, f"{record} for both jobs")
+    series = wait_for(lambda: len(_query(url, rule)) == 2 and _query(url, rule), 60, f"{record} for both jobs")
     assert {s["metric"]["job"] for s in series} == {MODEL, f"{MODEL}-canary"}
     assert all({"namespace", "model", "job"} <= set(s["metric"]) for s in series)
 
@@ -514,7 +478,7 @@ def test_trigger_query_returns_the_stable_jobs_load(prometheus: tuple[str, _Load
         value = float(result["value"][1])
         return value if metric == "inflight" or value > 0 else None
 
-    value = _wait(sample, 60, f"{metric} under load")
+    value = wait_for(sample, 60, f"{metric} under load")
     assert math.isfinite(value) and value >= 0
     stable = float(_query(url, f'{record}{{namespace="{NS}", model="{MODEL}", job="{MODEL}"}}')[0]["value"][1])
     if metric == "rps":

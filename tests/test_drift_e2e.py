@@ -9,26 +9,21 @@ drift rules of infra.alerts with a 30 s window instead of 1 h, so the score sett
 from __future__ import annotations
 
 import contextlib
-import shutil
-import subprocess
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import requests
-from ruamel.yaml import YAML
 
 from infra.alerts import ALERT_DRIFT, DRIFT_PSI, ModelSLO, drift_record, rule_file_yaml
 from services.registry import Registry
 from stacks.cli import main
-from tests.conftest import free_port, make_torch_mlp_artifact
+from tests.conftest import make_torch_mlp_artifact
+from tests.prometheus import running_prometheus, wait_for
 from tests.serving import ServerHandle, start_server
 
-PROMETHEUS = shutil.which("prometheus")
 NS = "ml"
 MODELS = ("shifted", "steady")
 ROWS = 20  # rows per request
@@ -39,20 +34,6 @@ SLOS = {
 PSI = drift_record(DRIFT_PSI, SLOS["shifted"])
 
 pytestmark = [pytest.mark.tool("prometheus"), pytest.mark.xdist_group("prometheus_e2e"), pytest.mark.timeout(180)]
-
-
-def _wait(ok: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            got = ok()
-            if got:
-                return got
-        except Exception as exc:  # connection refused while starting
-            last = exc
-        time.sleep(0.25)
-    raise TimeoutError(f"{what}: not reached in {timeout} s ({last})")
 
 
 class Prom:
@@ -87,32 +68,8 @@ def _prometheus(tmp: Path, servers: dict[str, ServerHandle]) -> Iterator[Prom]:
             for m, s in servers.items()
         ],
     }
-    with (tmp / "prometheus.yml").open("w") as fh:
-        YAML(typ="safe", pure=True).dump(config, fh)
-    port = free_port()
-    assert PROMETHEUS
-    proc = subprocess.Popen(
-        [
-            PROMETHEUS,
-            f"--config.file={tmp / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--log.level=warn",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=(tmp / "prometheus.log").open("w"),
-    )
-    try:
-        prom = Prom(f"http://127.0.0.1:{port}")
-        _wait(lambda: requests.get(f"{prom.url}/-/ready", timeout=1).status_code == 200, 30, "Prometheus ready")
-        yield prom
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    with running_prometheus(tmp, config) as url:
+        yield Prom(url)
 
 
 def _feed(servers: dict[str, ServerHandle], stop: threading.Event, sent: dict[str, int]) -> None:
@@ -154,17 +111,17 @@ def test_shifted_inputs_raise_the_drift_score_and_the_alert(tmp_path: Path) -> N
             assert len([line for line in metrics if line.startswith(name)]) == 110, name
         with _prometheus(tmp_path, servers) as prom:
             # Counters start at 0 in the first scrape, so the whole feed shows up as an increase.
-            _wait(lambda: prom.query("count(up == 1)").get("") == 2, 30, "first scrape of both servers")
+            wait_for(lambda: prom.query("count(up == 1)").get("") == 2, 30, "first scrape of both servers")
             stop, sent = threading.Event(), dict.fromkeys(MODELS, 0)
             feeder = threading.Thread(target=_feed, args=(servers, stop, sent), daemon=True)
             feeder.start()
             try:
-                scores = _wait(
+                scores = wait_for(
                     lambda: (s := prom.query(PSI)).keys() == set(MODELS) and s["shifted"] > 0.5 and s,
                     60,
                     f"{PSI} for both models",
                 )
-                state = _wait(lambda: prom.alerts().get("shifted") == "firing" and prom.alerts(), 30, "drift alert")
+                state = wait_for(lambda: prom.alerts().get("shifted") == "firing" and prom.alerts(), 30, "drift alert")
                 scores = prom.query(PSI)
                 rows = prom.query(drift_record("model:dlstack_drift_rows:{window}", SLOS["steady"]))
             finally:

@@ -19,8 +19,6 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,14 +30,13 @@ import requests
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from ruamel.yaml import YAML
 
 from infra.alerts import ModelSLO, rule_expressions, rule_file_yaml, rule_groups
 from infra.dashboards import Query, model_dashboard, overview_dashboard, queries
 from tests.conftest import free_port, make_torch_mlp_artifact
+from tests.prometheus import running_prometheus, wait_for
 from tests.serving import ServerHandle, start_server
 
-PROMETHEUS = shutil.which("prometheus")
 MODEL = "e2e-mlp"
 NS = "ml"
 POD = f"{MODEL}-7d9f-abcde"
@@ -213,57 +210,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Prom, Serv
                 },
             ],
         }
-        y = YAML(typ="safe", pure=True)
-        with (tmp / "prometheus.yml").open("w") as fh:
-            y.dump(config, fh)
-        check = subprocess.run(
-            ["promtool", "check", "config", str(tmp / "prometheus.yml")], capture_output=True, text=True, check=False
-        )
-        assert check.returncode == 0, check.stdout + check.stderr
-        prom_port = free_port()
-        assert PROMETHEUS
-        proc = subprocess.Popen(
-            [
-                PROMETHEUS,
-                f"--config.file={tmp / 'prometheus.yml'}",
-                f"--storage.tsdb.path={tmp / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{prom_port}",
-                "--log.level=warn",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=(tmp / "prometheus.log").open("w"),
-        )
         try:
-            prom = Prom(f"http://127.0.0.1:{prom_port}")
-            _wait(lambda: requests.get(f"{prom.url}/-/ready", timeout=1).status_code == 200, 30, "Prometheus ready")
-            # Targets start being scraped a few seconds after /-/ready (discovery is batched): the load
-            # must come after the first scrape, or every counter's first sample is its final value.
-            _wait(lambda: prom.query(f'up{{pod="{POD}"}} == 1'), 30, "first scrape of the server")
-            sent = _load(server)
-            _wait(lambda: _counts(prom) == sent, 30, "the load's counters scraped")
-            yield prom, server, sent
+            with running_prometheus(tmp, config) as url:
+                prom = Prom(url)
+                # Targets start being scraped a few seconds after /-/ready (discovery is batched): the load
+                # must come after the first scrape, or every counter's first sample is its final value.
+                wait_for(lambda: prom.query(f'up{{pod="{POD}"}} == 1'), 30, "first scrape of the server")
+                sent = _load(server)
+                wait_for(lambda: _counts(prom) == sent, 30, "the load's counters scraped")
+                yield prom, server, sent
         finally:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
             cad.shutdown()
             ksm.shutdown()
-
-
-def _wait(ok: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            if ok():
-                return
-        except Exception as exc:  # connection refused while starting
-            last = exc
-        time.sleep(0.25)
-    raise TimeoutError(f"{what}: not reached in {timeout} s ({last})")
 
 
 def _load(server: ServerHandle) -> dict[tuple[str, str], int]:
@@ -331,7 +289,7 @@ def _every_dashboard_query_returns_labelled_series(stack: tuple[Prom, ServerHand
 
     # Rates need two scrapes after the load and recording rules one evaluation after that.
     with contextlib.suppress(TimeoutError):
-        _wait(lambda: not problems(), 30, "dashboard queries answer")
+        wait_for(lambda: not problems(), 30, "dashboard queries answer")
     assert problems() == []
 
 
@@ -367,7 +325,7 @@ def _every_rule_evaluates_on_real_series(stack: tuple[Prom, ServerHandle, Any]) 
         return out
 
     with contextlib.suppress(TimeoutError):
-        _wait(lambda: not problems(), 30, "recording rules evaluated")
+        wait_for(lambda: not problems(), 30, "recording rules evaluated")
     assert problems() == []
     ratio = prom.query(f'model:dlstack_request_error_ratio:rate5m{{model="{MODEL}"}}')
     assert float(ratio[0]["value"][1]) == 0.0  # 4xx are not SLO errors and there was no 5xx
@@ -382,7 +340,7 @@ def _alerts_go_pending_on_real_series(stack: tuple[Prom, ServerHandle, Any]) -> 
 
     expected = {"DlstackModelLatencyP99High", "DlstackModelTargetDown", "DlstackModelPodsNotReady"}
     with contextlib.suppress(TimeoutError):
-        _wait(lambda: expected <= set(alerts()), 30, "alerts pending")
+        wait_for(lambda: expected <= set(alerts()), 30, "alerts pending")
     got = alerts()
     assert expected <= set(got), got
     assert "DlstackModelErrorRatioHigh" not in got  # no 5xx were sent

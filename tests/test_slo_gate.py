@@ -7,7 +7,6 @@ The model is a TorchScript MLP that raises for inputs above 100, so the test can
 from __future__ import annotations
 
 import contextlib
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -19,13 +18,13 @@ import requests
 from services.registry import Registry
 from stacks.cli import main
 from stacks.promote import history, slo_gate
-from tests.conftest import free_port, write_torchscript_artifact
+from tests.conftest import write_torchscript_artifact
+from tests.prometheus import running_prometheus, wait_for
 from tests.serving import start_server
 
-PROMETHEUS = "/usr/bin/prometheus"
 pytestmark = [
     pytest.mark.xdist_group("slo-gate"),
-    pytest.mark.skipif(not Path(PROMETHEUS).exists(), reason="needs /usr/bin/prometheus (apt install prometheus)"),
+    pytest.mark.tool("prometheus"),
 ]
 GOOD = {"inputs": [{"name": "input", "shape": [2, 8], "datatype": "FP32", "data": [0.5] * 16}]}
 BAD = {"inputs": [{"name": "input", "shape": [1, 8], "datatype": "FP32", "data": [1000.0] * 8}]}  # model raises
@@ -50,37 +49,18 @@ def failing_mlp_artifact(out: Path) -> Path:
 
 @contextlib.contextmanager
 def run_prometheus(tmp: Path, target: str) -> Iterator[str]:
-    port = free_port()
-    (tmp / "prometheus.yml").write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        "scrape_configs:\n"
-        f"  - job_name: dlstack\n    static_configs: [{{targets: ['{target}']}}]\n"
-    )
-    proc = subprocess.Popen(
-        [PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, proc.communicate()[1][-2000:]
-            with contextlib.suppress(requests.ConnectionError, ValueError):
-                # Ready is not enough: the scrape manager applies targets after a few seconds.
-                targets = requests.get(f"{url}/api/v1/targets", timeout=2).json()["data"]["activeTargets"]
-                if any(t["health"] == "up" for t in targets):
-                    break
-            assert time.monotonic() < deadline, "prometheus never scraped the server"
-            time.sleep(0.1)
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "dlstack", "static_configs": [{"targets": [target]}]}],
+    }
+    with running_prometheus(tmp, config) as url:
+        # Ready is not enough: the scrape manager applies targets after a few seconds.
+        def scraped() -> bool:
+            targets = requests.get(f"{url}/api/v1/targets", timeout=2).json()["data"]["activeTargets"]
+            return any(t["health"] == "up" for t in targets)
+
+        wait_for(scraped, 30, "prometheus scraped the server", interval=0.1)
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 def query(url: str, q: str) -> float:
