@@ -242,3 +242,50 @@ def test_probes_tell_a_hardened_server_from_a_bare_one(
     assert bare["5,000 repeated header lines"].detail == "status 200"
     with pytest.raises(ValueError, match="unknown probes"):
         hostile_load.probe_all("127.0.0.1", floor.port, lambda: [], "/", ("nope",))
+
+
+def test_observer_targets_need_their_points_and_no_drops() -> None:
+    def pt(server: str, rps: float, p99: float = 5.0) -> server_bench.Point:
+        return server_bench.Point(server, "mnist-mlp", "json", 32, rps, 1.0, 2.0, p99, int(rps), 0)
+
+    off, log1, log100 = server_bench.OBSERVER_SERVERS
+    names = [f"MLP, JSON, c=32, prediction log {r} + drift 0.1 vs off" for r in ("1 %", "100 %")]
+    queue = "prediction log 100 %: no request waits on the queue"
+    points = [pt(off, 1000), pt(log1, 980), pt(log100, 840, 7.0)]
+    counts = {"answered": 840.0, "log_written": 840.0, "log_dropped": 0.0, "drift_bin_counts": 1344.0}
+    by_name = {t.name: t for t in server_bench.targets(points, {}, {}, 32, 200, {log100: counts})}
+    assert by_name[names[0]].passed  # 0.98 >= 0.97
+    assert not by_name[names[1]].passed  # 0.84 < 0.85
+    assert (
+        by_name[queue].passed
+        and by_name[queue].measured == "840 written of 840 answered, 0 dropped; p99 7.0 vs 5.0 ms off"
+    )
+    dropped = {**counts, "log_written": 830.0, "log_dropped": 10.0}
+    assert not server_bench.targets(points, {}, {}, 32, 200, {log100: dropped})[-1].passed
+    missing = {t.name: t for t in server_bench.targets(points[:1], {}, {}, 32, 200)}
+    assert all(missing[n].measured == "not measured" and not missing[n].passed for n in [*names, queue])
+
+
+def test_observer_server_logs_every_answer_and_bins_the_sampled_ones(tmp_path: Path) -> None:
+    """The bench's reference artifact (built by the registry's code) served with the log at 100 % and drift
+    on every request: the counters the bench reports agree with the requests wrk made and the lines written."""
+    art = server_bench.with_drift_reference(
+        make_torch_mlp_artifact(tmp_path / "mlp", name="mlp", sizes=(8, 16, 3)), tmp_path / "mlp-ref"
+    )
+    port = free_port()
+    env = {"PYTHONPATH": str(harness.ROOT), "DLSTACK_PREDICTION_LOG_SAMPLE": "1", "DLSTACK_DRIFT_SAMPLE": "1"}
+    with harness.start("observed", harness.dlstack_cmd(art, port, 1), port, tmp_path / "o.log", env) as srv:
+        body, headers = harness.json_body("input", np.random.default_rng(0).random((1, 8), dtype=np.float32))
+        res, raw = wrk.run(srv.infer_url("mlp"), body, headers, connections=4, duration_s=1)
+        assert res.requests > 0 and res.errors == 0, raw
+        counts = server_bench.observer_counts(srv)
+        assert counts["answered"] >= res.requests and counts["log_dropped"] == 0, counts
+        assert counts["log_written"] == counts["answered"], counts
+        # 8 input features in 8 groups, 3 outputs in 3 groups: 11 bin counts per binned row
+        deadline = time.monotonic() + 30
+        while (binned := server_bench.metric_sum(srv, "dlstack_drift_bin_total")) < 11 * counts["answered"]:
+            assert time.monotonic() < deadline, (binned, counts)
+            time.sleep(0.2)
+        assert binned == 11 * counts["answered"]
+    lines = [ln for ln in srv.log_path.read_text().splitlines() if '"dlstack.predictions"' in ln]
+    assert len(lines) == counts["log_written"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -162,6 +163,7 @@ def test_observer_counts_each_row_in_its_bin_and_exports_the_reference(artifact_
     x = RNG.normal(loc=1.5, size=(64, 8)).astype(np.float32)
     y = RNG.normal(size=(64, 3)).astype(np.float32)
     obs.observe(_prediction(x, y))
+    obs.flush()  # the worker's flush thread does this every FLUSH_S
     for g in range(8):
         want = np.bincount([np.searchsorted(inp.edges[g], v, "right") for v in x[:, g]], minlength=10)
         assert [_value("drift-unit", "input", g, b) for b in range(10)] == want.tolist()
@@ -180,10 +182,12 @@ def test_observer_skips_failures_other_widths_and_nan_rows(artifact_with_referen
     obs.observe(_prediction(ok, np.zeros((4, 3), np.float32), status=400))
     obs.observe(Prediction("r", "m", "1", {"input": ok}, None, 200, 0.0, {}))
     obs.observe(_prediction(np.zeros((4, 5), np.float32), np.zeros((4, 3), np.float32)))  # not the reference width
+    obs.flush()
     assert total() == 0
     x = ok.copy()
     x[1, 2] = np.nan  # row 1, group 2 only
     obs.observe(_prediction(x, np.zeros((4, 3), np.float32)))
+    obs.flush()
     assert total() == 4 * 8 - 1
 
 
@@ -193,7 +197,31 @@ def test_sample_rate_picks_requests(artifact_with_reference: Path) -> None:
     obs = drift.DriftObserver(ref, "drift-sample", "1", 0.1, draw=lambda: next(draws))
     for _ in range(4):
         obs.observe(_prediction(np.zeros((1, 8), np.float32), np.zeros((1, 3), np.float32)))
+    obs.flush()
     assert sum(_value("drift-sample", "input", 0, b) or 0 for b in range(10)) == 2
+
+
+def test_binned_rows_reach_the_counters_without_an_explicit_flush(artifact_with_reference: Path) -> None:
+    """Requests only add to pending counts; the observer's own thread moves them to the counters."""
+    ref = drift.read_reference(artifact_with_reference / drift.REFERENCE_FILE)
+    obs = drift.DriftObserver(ref, "drift-thread", "1", 1.0)
+
+    def total() -> float:
+        return sum(_value("drift-thread", "output", g, b) or 0 for g in range(3) for b in range(10))
+
+    for _ in range(5):
+        obs.observe(_prediction(np.zeros((2, 8), np.float32), np.ones((2, 3), np.float32)))
+    assert total() == 0  # pending: no counter touched on the request's thread
+    deadline = time.monotonic() + 30
+    while total() < 5 * 2 * 3:
+        assert time.monotonic() < deadline, f"flush thread moved {total()} of 30 counts in 30 s"
+        time.sleep(0.05)
+    assert total() == 30
+    before = [_value("drift-thread", "output", 0, b) for b in range(10)]
+    obs.observe(_prediction(np.zeros((1, 8), np.float32), np.full((1, 3), 1e9, np.float32)))  # the top bins
+    obs.flush()
+    assert total() == 33
+    assert [_value("drift-thread", "output", 0, b) for b in range(10)] == [*before[:9], (before[9] or 0) + 1]
 
 
 def test_nothing_is_installed_without_a_reference_or_a_sample_rate(

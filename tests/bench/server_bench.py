@@ -10,6 +10,12 @@ the transport floor (tests/bench/floor_server.py: HTTP and decoding, no model) a
 front end on uvicorn's gunicorn worker. wrk (2 threads, one-row bodies, --latency) drives them at 8
 and 32 connections in alternating rounds; the MLP is measured once more while 200 stalled
 connections are held on it (tests/bench/hostile_load.py), and both workers get the hostile probes.
+Issue 13's observers are measured on the MLP registered with a drift reference (``reference.json`` built
+by services.registry.reference from 1,000 random rows, the way ``dlstack models register --reference-data``
+builds it): the same artifact with the observers off, with the prediction log at 1 % and drift bins at
+0.1 (the stack's documented example rate), and with the log at 100 % plus drift 0.1, at c=32 in the same
+alternating rounds; their servers' stdout (the prediction log) goes to a file, as a container runtime's
+log driver takes it, and the written/dropped/binned counters are read back from /metrics.
 It prints a markdown table with PASS/FAIL per target, the probe table and the worker choice. wrk
 shares the CPUs with the servers, so compare ratios within one run, never absolute numbers across
 machines. ``--quick``: 3 s points and the fast probes only (no slowloris, long line or pipelining).
@@ -232,8 +238,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # Packaged with defaults: model.yaml leaves serving.max_batch_size unset (auto).
     artifacts = {m: build_model(m, workdir / "models" / m) for m in args.models}
+    observed: dict[str, dict[str, float]] = {}
+    ref_artifact = artifacts.get("mnist-mlp")  # replaced by its copy with a drift reference below
     # torch runs in a child process: mapped into this process, it would share (and so shrink) the servers' PSS.
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        if "mnist-mlp" in artifacts:
+            ref_artifact = pool.submit(
+                with_drift_reference, artifacts["mnist-mlp"], workdir / "models" / "mnist-mlp-ref"
+            ).result()
         for model, art in artifacts.items():
             expected[model] = pool.submit(_reference, art, _sample(art)[2]).result()
             for b in (1, 32) if model == "mnist-mlp" else (1,):
@@ -262,6 +274,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 out.append(
                     ("dlstack-uvicorn", partial(harness.uvicorn_cmd, art), {**dl_env, **harness.uvicorn_env(art)})
                 )
+            if (ref := ref_artifact) is not None:
+                for label, features in OBSERVER_SERVERS.items():
+                    out.append((label, partial(harness.dlstack_cmd, ref), {**dl_env, **features}))
         return out
 
     # Phase 1, each server alone: cold start, then PSS after a short warm-up load (nothing else maps torch).
@@ -317,6 +332,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for name, srv in up.items():
                 if name.startswith("dlstack") and (rows := mean_batch(srv)) is not None:
                     batches[f"{name} {model}"] = rows
+                if name in OBSERVER_SERVERS:
+                    observed[name] = observer_counts(srv)
+                    log(f"{name:24} observers: {observed[name]}", file=sys.stderr)
             if model == "mnist-mlp":
                 # Robustness of the two workers, after the load so the probes cannot disturb a measurement.
                 only = QUICK_PROBES if args.quick else hostile_load.PROBES
@@ -348,11 +366,64 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "mean_batch_rows": batches,
         "stalled_helper": stalled,
         "probes": probes,
+        "observers": observed,
         "notes": notes,
     }  # fmt: skip
-    result["targets"] = [asdict(t) for t in targets(points, memory, cold, c_max, args.stalled)]
+    result["targets"] = [asdict(t) for t in targets(points, memory, cold, c_max, args.stalled, observed)]
     result["worker_choice"] = worker_choice(points, probes, c_max)
     return result
+
+
+# Issue 13's observers, each a server of the MLP registered with a drift reference (label -> env).
+OBSERVER_SERVERS: dict[str, dict[str, str]] = {
+    "dlstack-ref observers off": {"DLSTACK_PREDICTION_LOG_SAMPLE": "0", "DLSTACK_DRIFT_SAMPLE": "0"},
+    "dlstack-ref log 1% drift 0.1": {"DLSTACK_PREDICTION_LOG_SAMPLE": "0.01", "DLSTACK_DRIFT_SAMPLE": "0.1"},
+    "dlstack-ref log 100% drift 0.1": {"DLSTACK_PREDICTION_LOG_SAMPLE": "1", "DLSTACK_DRIFT_SAMPLE": "0.1"},
+}
+REFERENCE_ROWS = 1000  # rows of the bench model's drift reference
+
+
+def with_drift_reference(artifact: Path, out: Path) -> Path:
+    """A copy of ``artifact`` registered with a drift reference of random rows, by the registry's own code."""
+    from services.registry.reference import with_reference
+    from services.serving.artifact import read_spec, verify_files
+
+    spec = read_spec(artifact)
+    inp = spec.signature.inputs[0]
+    rows = np.random.default_rng(2).random((REFERENCE_ROWS, *inp.shape[1:]), dtype=np.float32)
+    data = out.with_name(out.name + "-reference.npz")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(data, **{inp.name: rows})  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
+    with_reference(artifact, data, out)
+    verify_files(out, read_spec(out))  # reference.json is listed and hashed like the model
+    return out
+
+
+def observer_counts(server: harness.Server, settle_s: float = 10.0) -> dict[str, float]:
+    """What the observers did, from the server's /metrics: 200 answers, prediction events written and dropped,
+    and drift bin counts (summed over tensors, groups and bins: 16 per sampled MLP row, 8 groups a tensor).
+    Waits up to ``settle_s`` for the writer threads to catch up with what was queued when the load stopped."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        counts = {
+            "answered": metric_sum(server, "dlstack_requests_total", 'route="infer"', 'code="200"'),
+            "log_written": metric_sum(server, "dlstack_prediction_log_written_total"),
+            "log_dropped": metric_sum(server, "dlstack_prediction_log_dropped_total"),
+            "drift_bin_counts": metric_sum(server, "dlstack_drift_bin_total"),
+        }
+        if counts["log_written"] + counts["log_dropped"] >= counts["answered"] or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.2)
+
+
+def metric_sum(server: harness.Server, name: str, *having: str) -> float:
+    """The sum of a metric's samples on the server's /metrics whose labels contain every string in ``having``."""
+    text = requests.get(f"{server.url}/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith((name + "{", name + " ")) and all(h in line for h in having):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 QUICK_PROBES = ("repeated headers", "idle connections", "HTTP/2.0 request line", "absolute-form target")
@@ -387,8 +458,15 @@ def _reference(artifact: Path, x: np.ndarray) -> np.ndarray:
         return torch.jit.load(str(artifact / "model.pt"))(torch.from_numpy(x)).numpy()
 
 
-def targets(points: list[Point], memory: dict[str, int], cold: dict[str, float], c: int, stalled: int) -> list[Target]:
-    """The issue's targets, evaluated on the points of this run; a missing point is a FAIL."""
+def targets(
+    points: list[Point],
+    memory: dict[str, int],
+    cold: dict[str, float],
+    c: int,
+    stalled: int,
+    observed: dict[str, dict[str, float]] | None = None,
+) -> list[Target]:
+    """The issues' targets, evaluated on the points of this run; a missing point is a FAIL."""
 
     def pt(server: str, model: str, enc: str = "json") -> Point | None:
         return next(
@@ -434,7 +512,23 @@ def targets(points: list[Point], memory: dict[str, int], cold: dict[str, float],
     cs = cold.get("dlstack mnist-mlp")
     out.append(Target("cold start MLP", "<= 5 s", "not measured" if cs is None else f"{cs:.2f} s",
                       cs is not None and cs <= 5.0))  # fmt: skip
+    off, log1, log100 = OBSERVER_SERVERS
+    ratio(f"MLP, JSON, c={c}, prediction log 1 % + drift 0.1 vs off", 0.97, pt(log1, mlp), pt(off, mlp))
+    ratio(f"MLP, JSON, c={c}, prediction log 100 % + drift 0.1 vs off", 0.85, pt(log100, mlp), pt(off, mlp))
+    out.append(queue_target(pt(log100, mlp), pt(off, mlp), (observed or {}).get(log100)))
     return out
+
+
+def queue_target(on: Point | None, off: Point | None, counts: dict[str, float] | None) -> Target:
+    """Issue 13: no request waits on the prediction log. The queue is put_nowait, so a writer that fell behind
+    shows as dropped events, never as a waiting request; the p99s are shown beside the counts."""
+    name, goal = "prediction log 100 %: no request waits on the queue", "0 dropped, every answer written"
+    if on is None or off is None or not counts:
+        return Target(name, goal, "not measured", False)
+    written, dropped, answered = counts["log_written"], counts["log_dropped"], counts["answered"]
+    measured = (f"{written:,.0f} written of {answered:,.0f} answered, {dropped:,.0f} dropped; p99 {on.p99_ms:.1f} "
+                f"vs {off.p99_ms:.1f} ms off")  # fmt: skip
+    return Target(name, goal, measured, dropped == 0 and answered > 0 and written >= answered)
 
 
 UVICORN_MAX_COST = 0.20  # issue 12: keep the library worker unless it costs more than this share of JSON req/s
@@ -512,6 +606,11 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| in-process {k} | {v:,.0f} samples/s |")
     for k, v in result.get("mean_batch_rows", {}).items():
         lines.append(f"| mean rows per forward pass, {k} | {v:.2f} |")
+    for k, v in result.get("observers", {}).items():
+        lines.append(
+            f"| observers, {k} | {v['answered']:,.0f} answered; prediction log {v['log_written']:,.0f} written, "
+            f"{v['log_dropped']:,.0f} dropped; drift bin counts {v['drift_bin_counts']:,.0f} (16 per sampled row) |"
+        )
     if seen := result.get("stalled_helper"):
         lines.append(
             f"| stalled connections, {len(seen)} rounds | at least {min(x.get('held', 0) for x in seen)} held at "
