@@ -51,6 +51,10 @@ TICK_S = 0.1  # s between housekeeping ticks: heartbeat, in-flight gauge, idle c
 # request gets its answer with "Connection: close" instead: closing at once raced requests already sent
 # (wrk counted 12 errors at each max_requests recycle).
 STOP_IDLE_GRACE_S = 0.5
+# s: forward passes shorter than this (on average) run on the event loop, longer ones in the inference thread.
+# Short enough that a probe or a new request waits no longer than a GC pause would make it.
+INLINE_FORWARD_MAX_S = 0.002
+FORWARD_EWMA = 0.2  # weight of the newest pass in forward_s
 
 
 class EventLoopWorker(Worker):
@@ -105,6 +109,7 @@ class EventLoopWorker(Worker):
         self.exact = s.router.exact_raw
         self.inflight = 0
         self._inflight_reported = -1
+        self.forward_s = float("inf")  # moving average of a forward pass (s, thread hop included); unknown at first
 
     def run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -342,9 +347,35 @@ class EventLoopWorker(Worker):
             self.begin_stop("max_requests")
 
     def _run_forward(self, work: Callable[[], None], then: Callable[[], None]) -> None:
+        """Run a batch's forward pass on the loop itself when passes are short, else in the inference thread.
+
+        A thread hop (submit, wake the thread, a future callback, ``call_soon_threadsafe``, wake the loop)
+        cost more CPU than a small model's whole forward pass; on the loop, the requests that arrive
+        during a pass still wait in the socket buffers and make up the next batch. A pass slower than
+        ``INLINE_FORWARD_MAX_S`` (averaged) would delay probes and reads, so it goes to the thread;
+        the first passes go there too, until their time is known.
+        """
+        t0 = time.perf_counter()
+        if self.forward_s <= INLINE_FORWARD_MAX_S:
+            work()
+            self._forward_took(time.perf_counter() - t0)
+            then()
+            return
         loop = self.loop
-        fut = self.infer_thread.submit(work)
-        fut.add_done_callback(lambda _: loop.call_soon_threadsafe(then))
+
+        def timed() -> None:
+            work()
+            loop.call_soon_threadsafe(self._forward_done, time.perf_counter() - t0, then)
+
+        self.infer_thread.submit(timed)
+
+    def _forward_done(self, seconds: float, then: Callable[[], None]) -> None:
+        self._forward_took(seconds)
+        then()
+
+    def _forward_took(self, seconds: float) -> None:
+        f = self.forward_s
+        self.forward_s = seconds if f == float("inf") else f + FORWARD_EWMA * (seconds - f)
 
     def _offload(self, conn: HttpConnection, req: Request, route: Route, call: Call) -> None:
         """A route that may block (or any route while the model loads): answered in the HTTP thread pool."""
