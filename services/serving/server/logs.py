@@ -275,6 +275,9 @@ def access(
     level = logging.ERROR if status >= 500 else logging.WARNING if status >= 400 else logging.INFO
     if not access_log.isEnabledFor(level):
         return
+    if error is None and _FAST_ACCESS and not _TEXT and _BUFFER is not None:
+        _BUFFER.put(access_json(time.time(), level, model, version, request_id, method, path, status, duration_ns))
+        return
     fields: dict[str, Any] = {
         "labels": {"model": model, "model_version": version},
         "http": {"request": {"id": request_id, "method": method}, "response": {"status_code": status}},
@@ -333,6 +336,56 @@ def access_line(now: float, pid: int, level: int, message: str, fields: dict[str
     head = orjson.dumps(doc)
     body = orjson.dumps(rest, option=orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE)
     return head[:-1] + b"," + body[1:]
+
+
+_static: tuple[tuple[str, str, int], bytes] = (("", "", 0), b"")
+
+
+def access_json(
+    now: float, level: int, model: str, version: str, rid: str, method: str, path: str, status: int, duration_ns: int
+) -> bytes:
+    """``access_line`` of an access without an error, from a template: the same bytes (a test compares them)
+    at a third of the cost, as only the request's own values are encoded per line."""
+    global _second, _static
+    sec = int(now)
+    cached = _second
+    if cached[0] != sec:
+        cached = _second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
+    pid = os.getpid()
+    key, tail = _static
+    if key != (model, version, pid):  # the per-process part, after the request's keys in sorted order
+        tail = orjson.dumps(
+            {
+                "labels": {"model": model, "model_version": version},
+                "log": {"logger": access_log.name},
+                "process": {"pid": pid},
+                "service": {"name": SERVICE_NAME},
+            }
+        )[1:-1]
+        _static = ((model, version, pid), tail)
+    dumps = orjson.dumps
+    return (
+        b'{"@timestamp":"%s.%03dZ","log.level":"%s","message":%s,"ecs.version":%s,"event":{"dataset":"%s",'
+        b'"duration":%d},"http":{"request":{"id":%s,"method":%s},"response":{"status_code":%d}},%s,'
+        b'"url":{"path":%s}}\n'
+        % (
+            cached[1].encode(),
+            int((now - sec) * 1000),
+            (_LEVELS.get(level) or logging.getLevelName(level).lower()).encode(),
+            dumps(f"{method} {path} {status}"),
+            _ECS_VERSION,
+            ACCESS_DATASET.encode(),
+            duration_ns,
+            dumps(rid),
+            dumps(method),
+            status,
+            tail,
+            dumps(path),
+        )
+    )
+
+
+_ECS_VERSION = orjson.dumps(ecs_logging.ECS_VERSION)
 
 
 def event(message: str, *, level: int = logging.INFO, **fields: Any) -> None:
