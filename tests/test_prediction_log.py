@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 import requests
 from prometheus_client import REGISTRY
@@ -549,3 +550,25 @@ def test_every_datatype_renders_full_and_summary(arr: np.ndarray, datatype: str)
         assert (s["min"], s["max"]) == (float(arr.min()), float(arr.max()))
     else:
         assert s["min"] is s["max"] is s["mean"] is None
+
+
+@pytest.mark.parametrize(
+    "arr",
+    [
+        np.array([0.0, 1.0, -0.0, 1e-7, np.nan, np.inf], np.float32),
+        np.zeros(6, np.float64),
+        np.zeros(6, np.float16),
+        np.zeros(6, np.int8),
+        np.zeros(6, np.uint64),
+        np.zeros(6, bool),
+        np.array([b"", b""], dtype=object),
+    ],
+    ids=lambda a: str(a.dtype) if a.dtype.kind != "f" or a[1] == 0 else "float32-shortest",
+)
+def test_the_size_pre_check_never_summarises_values_that_would_fit(arr: np.ndarray) -> None:
+    """A tensor goes straight to its summary when its elements at their shortest JSON exceed max_bytes: the
+    per-kind minimum must really be a lower bound of what the full line writes, so nothing that fits is cut."""
+    raw = orjson.dumps(predlog._data(arr), option=orjson.OPT_SERIALIZE_NUMPY)  # as the full line writes it
+    with_separators = len(raw) - 2 + 1  # no brackets, a comma after every element
+    assert with_separators >= arr.size * predlog._MIN_JSON_BYTES[arr.dtype.kind], raw
+    assert predlog._fits(prediction(inputs={"t": arr}, outputs={}), with_separators)
