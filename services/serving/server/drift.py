@@ -245,8 +245,10 @@ class DriftObserver:
             time.sleep(FLUSH_S)
             try:
                 self.flush()
-            except Exception:  # the counters are gone (interpreter exit); nothing to tell
-                return
+            except Exception:  # keep flushing later counts; say it once, as for binning
+                if not self._failed:
+                    self._failed = True
+                    log.exception("drift flush failed; drift metrics of this worker may be incomplete")
 
     @staticmethod
     def _bin(tensors: list[_Tensor], arrays: Mapping[str, np.ndarray]) -> None:
