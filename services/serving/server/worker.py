@@ -51,7 +51,7 @@ TICK_S = 0.1  # s between housekeeping ticks: heartbeat, in-flight gauge, idle c
 # request gets its answer with "Connection: close" instead: closing at once raced requests already sent
 # (wrk counted 12 errors at each max_requests recycle).
 STOP_IDLE_GRACE_S = 0.5
-# s: forward passes shorter than this (on average) run on the event loop, longer ones in the inference thread.
+# s of CPU: forward passes cheaper than this (on average) run on the event loop, others in the inference thread.
 # Short enough that a probe or a new request waits no longer than a GC pause would make it.
 INLINE_FORWARD_MAX_S = 0.002
 FORWARD_EWMA = 0.2  # weight of the newest pass in forward_s
@@ -109,7 +109,7 @@ class EventLoopWorker(Worker):
         self.exact = s.router.exact_raw
         self.inflight = 0
         self._inflight_reported = -1
-        self.forward_s = float("inf")  # moving average of a forward pass (s, thread hop included); unknown at first
+        self.forward_s = float("inf")  # moving average of a forward pass's CPU seconds; unknown at first
 
     def run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -117,6 +117,7 @@ class EventLoopWorker(Worker):
             listener.sock.setblocking(False)
         self._set_accepting(True)
         self.loop.call_later(TICK_S, self._tick)
+        logs.flush_on(self.loop)
         try:
             self.loop.run_forever()
         finally:
@@ -351,21 +352,23 @@ class EventLoopWorker(Worker):
 
         A thread hop (submit, wake the thread, a future callback, ``call_soon_threadsafe``, wake the loop)
         cost more CPU than a small model's whole forward pass; on the loop, the requests that arrive
-        during a pass still wait in the socket buffers and make up the next batch. A pass slower than
-        ``INLINE_FORWARD_MAX_S`` (averaged) would delay probes and reads, so it goes to the thread;
-        the first passes go there too, until their time is known.
+        during a pass still wait in the socket buffers and make up the next batch. A pass that takes
+        more than ``INLINE_FORWARD_MAX_S`` of CPU (averaged) would delay probes and reads, so it goes to
+        the thread; the first passes go there too, until their cost is known. CPU time, not wall time:
+        on a busy machine a preempted pass would look long and send a small model back to the thread.
         """
-        t0 = time.perf_counter()
         if self.forward_s <= INLINE_FORWARD_MAX_S:
+            t0 = time.thread_time()
             work()
-            self._forward_took(time.perf_counter() - t0)
+            self._forward_took(time.thread_time() - t0)
             then()
             return
         loop = self.loop
 
         def timed() -> None:
+            t0 = time.thread_time()
             work()
-            loop.call_soon_threadsafe(self._forward_done, time.perf_counter() - t0, then)
+            loop.call_soon_threadsafe(self._forward_done, time.thread_time() - t0, then)
 
         self.infer_thread.submit(timed)
 
