@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -51,27 +52,38 @@ def _read_lines(fd: int, n: int, timeout_s: float = 10.0) -> bytes:
     return got
 
 
-def test_lines_of_the_loop_thread_are_flushed_by_the_loop_and_others_by_the_thread() -> None:
+def test_a_stalled_log_reader_never_blocks_the_event_loop() -> None:
+    """The loop's lines wake the flusher thread from a timer; the write that may block is never the loop's."""
     r, w = os.pipe()
     loop = asyncio.new_event_loop()
+    buf = logs.LineBuffer(w, interval=0.005)
     try:
-        buf = logs.LineBuffer(w, interval=0.005)
-        buf.flush_on(loop)
+        os.set_blocking(w, False)
+        filled = 0
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                filled += os.write(w, b"x" * 65536)
+        os.set_blocking(w, True)  # the pipe is full and nobody reads: a write now blocks
+        lines = [b"line %d\n" % i for i in range(200)]
 
         async def put_on_loop() -> None:
-            buf.put(b"a\n")
-            buf.put(b"b\n")
-            await asyncio.sleep(0.05)  # the loop's flush timer runs meanwhile
+            for line in lines:
+                buf.put(line)
+                await asyncio.sleep(0.001)  # the loop's timers (the flush wake-ups) run meanwhile
 
-        loop.run_until_complete(put_on_loop())
-        assert _read_lines(r, 2) == b"a\nb\n"
-        assert buf._pid == 0  # no flusher thread was started for the loop's lines
+        done = threading.Event()
 
-        other = threading.Thread(target=buf.put, args=(b"c\n",))  # not the loop's thread: the flusher thread writes it
-        other.start()
-        other.join()
-        assert _read_lines(r, 1) == b"c\n"
-        assert buf._pid == os.getpid()
+        def run_loop() -> None:
+            buf.flush_on(loop)  # this thread runs the loop
+            loop.run_until_complete(put_on_loop())
+            done.set()
+
+        threading.Thread(target=run_loop, daemon=True).start()
+        assert done.wait(60), "the event loop blocked on a stalled stdout"
+        assert buf._pid == os.getpid()  # the flusher thread was woken for the loop's lines
+        # The reader catches up: everything arrives, in order.
+        got = _read_lines(r, 200, timeout_s=30)  # the filler holds no newline
+        assert got[filled:] == b"".join(lines)
     finally:
         loop.close()
         os.close(r)
