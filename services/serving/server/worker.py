@@ -43,6 +43,9 @@ from services.serving.server.routes import STATUS, Call, RawHeaders, Reply, Rout
 ACCEPT_FREE_CONNS = 4  # connections a worker accepts without yielding to the other workers
 ACCEPT_DELAY_PER_CONN_S = 0.001  # s a worker stops accepting, per recently active connection beyond ACCEPT_FREE_CONNS
 IDLE_CONN_S = 1.0  # s without a request after which a held connection no longer slows this worker's accepts
+# s a new connection may take to complete its first request and still count as load: a client that has
+# not sent one whole request by then (a stalled or slow one) must not slow the accepts of real clients.
+FIRST_REQUEST_S = 0.25
 # s: the longest accept pause. Enough for an awake worker to win the next race; a burst of 200 connects once
 # paused a worker for 100 ms per accept.
 ACCEPT_MAX_DELAY_S = 0.005
@@ -68,7 +71,7 @@ class EventLoopWorker(Worker):
         self.stop_deadline = 0.0
         self.accepting = False
         self.accept_paused_until = 0.0
-        self.idle_conns = 0  # connections idle for over IDLE_CONN_S at the last tick: not counted by _accept
+        self.idle_conns = 0  # connections idle over IDLE_CONN_S, or stalled before a first request, at the last tick
         self.loop: asyncio.AbstractEventLoop = _new_loop()  # made current in run(), in the worker process only
 
     # gunicorn hooks
@@ -226,6 +229,8 @@ class EventLoopWorker(Worker):
             for c in list(self.conns):
                 if not c.idle:
                     c.expire(now)  # 408 and close a request whose headers or body stopped coming
+                    if c.served == 0 and not c.busy and now - c.idle_since > FIRST_REQUEST_S:
+                        idle += 1
                 elif now - c.idle_since > keepalive:
                     if c.transport is not None:
                         c.transport.close()
