@@ -191,6 +191,17 @@ def test_an_event_just_over_max_bytes_is_summarised_just_under_is_not() -> None:
         assert json.loads(line)["dlstack"]["prediction"]["form"] == form
 
 
+def test_a_json_request_body_over_max_bytes_is_summarised_without_serialising() -> None:
+    """The request's own JSON size decides first; a binary request (its body is raw bytes) is judged by its line."""
+    log = PredictionLog("edge", "1", sample=1.0, max_bytes=4096)
+    small = prediction(model="edge")
+    assert json.loads(log.line(small, now=0.0))["dlstack"]["prediction"]["form"] == "full"
+    big_body = prediction(model="edge", headers={"content-length": "5000"})
+    assert json.loads(log.line(big_body, now=0.0))["dlstack"]["prediction"]["form"] == "summary"
+    binary = prediction(model="edge", headers={"content-length": "5000", "inference-header-content-length": "120"})
+    assert json.loads(log.line(binary, now=0.0))["dlstack"]["prediction"]["form"] == "full"
+
+
 def test_bytes_tensors_are_logged_as_text() -> None:
     sink = Collect()
     log = make_log(sink, "bytes", sample=1.0)

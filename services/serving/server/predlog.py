@@ -294,6 +294,11 @@ _MIN_JSON_BYTES = {"f": 4, "c": 4, "b": 5, "i": 2, "u": 2, "O": 3}
 
 def _fits(p: Prediction, max_bytes: int) -> bool:
     """Cheap pre-check: whether the values could fit in ``max_bytes`` at their shortest JSON forms."""
+    # A JSON request whose body alone is over the bound cannot fit once its inputs are written again:
+    # summarised without serialising anything (a 784-float row is under the per-element bound below).
+    length = p.headers.get("content-length", "")
+    if length.isdigit() and int(length) > max_bytes and "inference-header-content-length" not in p.headers:
+        return False
     least = sum(
         a.size * _MIN_JSON_BYTES.get(a.dtype.kind, 2) for ts in (p.inputs, p.outputs) if ts for a in ts.values()
     )
