@@ -124,6 +124,16 @@ def make_torch_mlp_artifact(
     )
 
 
+def stack_models_registry(tmp: Path) -> Any:
+    """A registry under ``tmp`` with what both stack files deploy, mnist-mlp:1 and tiny-cnn:1, as tiny real MLPs."""
+    from services.registry import Registry
+
+    reg = Registry(tmp / "registry")
+    for name in ("mnist-mlp", "tiny-cnn"):
+        reg.register(make_torch_mlp_artifact(tmp / "src" / name, name=name), name, "pytorch")
+    return reg
+
+
 @pytest.fixture
 def torch_mlp_artifact(tmp_path: Path) -> Callable[..., Path]:
     """Factory: ``torch_mlp_artifact(name=..., sizes=..., max_batch_size=...)`` -> artifact dir."""

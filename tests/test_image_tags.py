@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, git, make_torch_mlp_artifact
+from tests.conftest import ROOT, git, stack_models_registry
 
 pytestmark = pytest.mark.xdist_group("stack-render")
 
@@ -32,13 +32,7 @@ SERVING_FILES = ["services/serving/server/app.py", "services/serving/runtimes/ba
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from services.registry import Registry
-
-    tmp = tmp_path_factory.mktemp("tags-registry")
-    reg = Registry(tmp / "registry")
-    for name in ("mnist-mlp", "tiny-cnn"):
-        reg.register(make_torch_mlp_artifact(tmp / name, name=name), name, "pytorch")
-    return reg
+    return stack_models_registry(tmp_path_factory.mktemp("tags-registry"))
 
 
 def _copy_tree(dest: Path) -> Path:

@@ -15,20 +15,14 @@ from ruamel.yaml import YAML
 
 from services.serving.errors import UserError
 from stacks.render import diff_renders, iter_files, load_render, render, render_git_ref, to_markdown
-from tests.conftest import ROOT, make_torch_mlp_artifact
+from tests.conftest import ROOT, stack_models_registry
 
 pytestmark = pytest.mark.xdist_group("stack-render")
 
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from services.registry import Registry
-
-    tmp = tmp_path_factory.mktemp("render-registry")
-    reg = Registry(tmp / "registry")
-    for name in ("mnist-mlp", "tiny-cnn"):
-        reg.register(make_torch_mlp_artifact(tmp / name, name=name), name, "pytorch")
-    return reg
+    return stack_models_registry(tmp_path_factory.mktemp("render-registry"))
 
 
 @pytest.fixture(scope="module")
