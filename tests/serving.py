@@ -119,11 +119,13 @@ def start_server(
     wait_ready: bool = True,
     timeout: float = 60,
     direct: bool = False,
+    gunicorn_args: Sequence[str] = (),
 ) -> Iterator[ServerHandle]:
     """A real ``dlstack serve`` (gunicorn) on a free port; stopped (and killed if need be) on exit.
 
     ``direct=True`` skips the CLI and runs gunicorn with the config module, as a container
-    entry point may, so the worker-side checks (e.g. a corrupted file) can be tested.
+    entry point may, so the worker-side checks (e.g. a corrupted file) can be tested;
+    ``gunicorn_args`` then replace the app (e.g. ``-k uvicorn_worker.UvicornWorker 'asgi:create_app()'``).
     """
     port = port or free_port()
     full_env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
@@ -134,7 +136,7 @@ def start_server(
         from services.serving.server.cli import APP, CONF
 
         metrics_dir = tempfile.mkdtemp(prefix="dlstack-test-metrics-")
-        args = [sys.executable, "-m", "gunicorn", "-c", CONF, APP]
+        args = [sys.executable, "-m", "gunicorn", "-c", CONF, *(gunicorn_args or [APP])]
         full_env.update(
             {
                 "DLSTACK_ARTIFACT_DIR": str(Path(artifact_dir).resolve()),

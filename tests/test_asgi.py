@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,43 +12,17 @@ import numpy as np
 import pytest
 import requests
 
-from tests.conftest import ROOT, free_port, make_torch_mlp_artifact
-from tests.serving import ServerHandle, _wait
+from tests.conftest import make_torch_mlp_artifact
+from tests.serving import ServerHandle, start_server
 
 ASGI_APP = "services.serving.server.asgi:create_app()"
 ROWS = np.linspace(-1, 1, 16, dtype=np.float32).reshape(2, 8)
 
 
-@contextlib.contextmanager
-def start_asgi_server(artifact_dir: Path, *, workers: int = 1, timeout: float = 60) -> Iterator[ServerHandle]:
+def start_asgi_server(artifact_dir: Path, *, workers: int = 1, timeout: float = 60) -> Any:
     """``gunicorn -c <our conf> -k uvicorn_worker.UvicornWorker 'services.serving.server.asgi:create_app()'``."""
-    from services.serving.server.cli import CONF
-
-    port = free_port()
-    metrics_dir = tempfile.mkdtemp(prefix="dlstack-test-metrics-")
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    env.update(
-        {
-            "DLSTACK_ARTIFACT_DIR": str(artifact_dir.resolve()),
-            "DLSTACK_BIND": f"127.0.0.1:{port}",
-            "DLSTACK_WORKERS": str(workers),
-            "DLSTACK_CPU_LIMIT": str(workers),
-            "DLSTACK_DRAIN_SECONDS": "0",
-            "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    args = [sys.executable, "-m", "gunicorn", "-c", CONF, "-k", "uvicorn_worker.UvicornWorker", ASGI_APP]
-    proc = subprocess.Popen(
-        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1
-    )
-    handle = ServerHandle(proc, port)
-    try:
-        _wait(handle, workers, True, timeout)
-        yield handle
-    finally:
-        handle.stop()
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+    worker = ["-k", "uvicorn_worker.UvicornWorker", ASGI_APP]
+    return start_server(artifact_dir, workers=workers, timeout=timeout, direct=True, gunicorn_args=worker)
 
 
 def wait_for_access(srv: ServerHandle, rid: str, timeout: float = 30) -> list[dict[str, Any]]:
