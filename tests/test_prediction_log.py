@@ -330,7 +330,7 @@ def test_install_registers_an_observer_only_when_on(env: dict[str, str], install
     assert (log is not None) == installed
     assert server.observers == ([log] if installed else [])
     if log is not None:
-        assert (log.sample, log.max_bytes, log._queue.maxsize) == (0.25, 2048, 7)
+        assert (log.sample, log.max_bytes, log.queue_size) == (0.25, 2048, 7)
 
 
 def test_bad_env_is_a_one_line_error_naming_the_variable() -> None:

@@ -3,8 +3,9 @@
 An observer is called on the thread that finishes the request (the worker's event loop, or a WSGI
 thread), after the answer is on its way. It must never block or raise: anything slow goes through
 its own bounded queue. The tensors are the arrays the model saw and produced, shared, never copied:
-observers must not modify them. Keeping a reference (e.g. on a queue) is safe: the path never writes
-to them after the answer (request bodies are immutable bytes; batching stacks into new arrays).
+observers must not modify them, nor the Prediction. Keeping a reference (e.g. on a queue) is safe: the
+path never writes to them after the answer (request bodies are immutable bytes; batching stacks into
+new arrays).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from services.serving.server.protocol import Tensors
 NO_LOG_HEADER = "x-dlstack-log"  # a request with "X-Dlstack-Log: off" is never written to the prediction log
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ cost ~1.3 us more, on every request
 class Prediction:
     request_id: str
     model: str

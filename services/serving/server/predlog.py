@@ -3,11 +3,13 @@
 Opt-in per model (``prediction_log: {sample: 0.01, max_bytes: 4096}`` in the stack file, rendered into
 ``DLSTACK_PREDICTION_LOG_*`` and read through the server settings). The observer runs on the request's
 thread and only draws one random number; a sampled request's ``Prediction`` (array references, not
-copies: the one inference path never modifies arrays after the answer) goes on a bounded queue with
-``put_nowait``. When the queue is full (the log consumer stalls) the event is dropped and counted, so a
+copies: the one inference path never modifies arrays after the answer) is appended to a bounded queue
+without waiting. When the queue is full (the log consumer stalls) the event is dropped and counted, so a
 slow stdout never slows a request. One background thread per worker turns events into lines
 (``event.dataset: dlstack.predictions``) in the layout of the server's other ECS lines and writes them to
 stdout in order with them; Filebeat ships them and Logstash routes them to ``dlstack-predictions-*``.
+It works a batch of events at a time: the summaries of same-shaped tensors are reduced in one numpy call
+per statistic, since the writer shares the worker's GIL and CPU with the requests.
 
 Inputs may be personal data: nothing is logged unless a rate is set, a request carrying
 ``X-Dlstack-Log: off`` is never logged, and an event whose line would exceed ``max_bytes`` carries
@@ -18,17 +20,16 @@ writes what is still queued (for at most ``EXIT_FLUSH_S``); a killed worker lose
 from __future__ import annotations
 
 import atexit
-import contextlib
 import functools
 import hashlib
 import logging
 import os
-import queue
 import random
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import ecs_logging
@@ -53,10 +54,13 @@ QUEUE = ServerSettings.model_fields["prediction_log_queue"].default
 # while the consumer stalls (1000 queued 16 MiB image requests would otherwise pin 16 GB).
 QUEUE_BYTES = 64 << 20
 _BATCH = 256  # events written per stdout write at most
-# s the writer sleeps between drains of the queue. Blocked in queue.get() instead, it was woken by every
-# put_nowait: a lock handoff and a GIL switch per sampled request, 2-3 % of a worker logging 100 %.
+# s the writer sleeps between drains of the queue. Woken by every event instead, it cost a lock handoff
+# and a GIL switch per sampled request, 2-3 % of a worker logging 100 %.
 _POLL_S = 0.05
 EXIT_FLUSH_S = 2.0  # s a worker that exits gracefully waits for its queued events to be written
+# Tensors up to this size are summarised together with the same-shaped tensors of their batch (one stacked
+# copy, one reduction per statistic); bigger ones alone, so a batch never copies more than 256 x this.
+_STACK_BYTES = 64 << 10
 
 WRITTEN = Counter(
     "dlstack_prediction_log_written", "Prediction events written to the prediction log", ["model", "version"]
@@ -109,41 +113,39 @@ class PredictionLog:
         self.max_bytes = max_bytes
         self.queue_bytes = queue_bytes
         self.text = text
+        self.queue_size = queue_size
         self._sink = sink or stdout_sink
         self._rng = rng
-        self._queue: queue.Queue[tuple[Prediction, int]] = queue.Queue(queue_size)
+        # A deque and one lock rather than queue.Queue: its condition variables cost the request thread
+        # ~2 us per event, and nothing ever waits for room (a full queue drops).
+        self._queue: deque[tuple[Prediction, int]] = deque()
+        self._lock = threading.Lock()  # the queue, _held and _unfinished
         self._held = 0  # bytes of arrays referenced by queued events
-        self._held_lock = threading.Lock()
+        self._unfinished = 0  # events queued or being written
+        self._done = threading.Condition(threading.Lock())  # notified when the writer finished a batch
         self._pid = 0  # the process whose writer thread runs
         self._start_lock = threading.Lock()
         self.written = WRITTEN.labels(model, version)
         self.dropped = DROPPED.labels(model, version)
 
-    # --- the request's thread: a random draw, a header lookup, a put_nowait ---------------------
+    # --- the request's thread: a random draw, a header lookup, an append -------------------------
 
     def observe(self, p: Prediction) -> None:
         if self._rng() >= self.sample:
             return
-        if p.headers.get(NO_LOG_HEADER, "").strip().lower() == "off":
+        if (off := p.headers.get(NO_LOG_HEADER)) is not None and off.strip().lower() == "off":
             return
         size = _nbytes(p.inputs) + _nbytes(p.outputs)
-        with self._held_lock:
-            if self._held + size > self.queue_bytes and self._held:
-                self.dropped.inc()
-                return
-            self._held += size
-        try:
-            self._queue.put_nowait((p, size))
-        except queue.Full:
-            self._release(size)
+        with self._lock:
+            full = len(self._queue) >= self.queue_size or (self._held and self._held + size > self.queue_bytes)
+            if not full:
+                self._queue.append((p, size))
+                self._held += size
+                self._unfinished += 1
+        if full:
             self.dropped.inc()
-            return
-        if self._pid != os.getpid():
+        elif self._pid != os.getpid():
             self._start()
-
-    def _release(self, size: int) -> None:
-        with self._held_lock:
-            self._held -= size
 
     def _start(self) -> None:
         with self._start_lock:
@@ -163,39 +165,45 @@ class PredictionLog:
                 try:
                     self.write(batch)
                 finally:
-                    for _ in batch:
-                        self._queue.task_done()
+                    with self._lock:
+                        self._unfinished -= len(batch)
+                    with self._done:
+                        self._done.notify_all()
 
     def _take(self) -> list[tuple[Prediction, int]]:
-        batch: list[tuple[Prediction, int]] = []
-        with contextlib.suppress(queue.Empty):
-            while len(batch) < _BATCH:
-                batch.append(self._queue.get_nowait())
-        return batch
+        with self._lock:
+            pop = self._queue.popleft
+            return [pop() for _ in range(min(_BATCH, len(self._queue)))]
 
     def flush(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s for the queued events to be written; False if some are still pending."""
         deadline = time.monotonic() + timeout
-        with self._queue.all_tasks_done:
-            while self._queue.unfinished_tasks:
+        with self._done:
+            while self._unfinished:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                self._queue.all_tasks_done.wait(left)
+                self._done.wait(min(left, _POLL_S))  # _unfinished is not read under _done's lock
         return True
 
-    def write(self, batch: Iterable[tuple[Prediction, int]]) -> None:
+    def write(self, batch: Sequence[tuple[Prediction, int]]) -> None:
+        """Turn a batch of queued events into lines and hand them to the sink in one call."""
         lines: list[bytes] = []
-        for p, size in batch:
-            try:
-                lines.append(self.line(p))
-            except Exception as exc:  # a bad event must not stop the log; say why once per event
-                self.dropped.inc()
-                logs.server_log.warning(
-                    "prediction log: event of request %s not written: %s: %s", p.request_id, type(exc).__name__, exc
-                )
-            finally:
-                self._release(size)
+        try:
+            for p, line in zip((p for p, _ in batch), self.lines([p for p, _ in batch]), strict=True):
+                if isinstance(line, Exception):  # a bad event must not stop the log; say why once per event
+                    self.dropped.inc()
+                    logs.server_log.warning(
+                        "prediction log: event of request %s not written: %s: %s",
+                        p.request_id,
+                        type(line).__name__,
+                        line,
+                    )
+                else:
+                    lines.append(line)
+        finally:
+            with self._lock:
+                self._held -= sum(size for _, size in batch)
         if lines:
             try:
                 self._sink(b"".join(lines))
@@ -210,13 +218,42 @@ class PredictionLog:
         A summary line is written even if it is longer: its size grows with the number of tensors (fixed by
         the signature), never with their contents.
         """
+        (out,) = self.lines([p], now)
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def lines(self, events: Sequence[Prediction], now: float | None = None) -> list[bytes | Exception]:
+        """``line`` of each event (or the exception that event raised), the summaries computed together."""
         now = time.time() if now is None else now
-        full = _fits(p, self.max_bytes)
-        if full:
-            out = self._line(p, now, "full", _tensors(p.inputs), _tensors(p.outputs))
-            if len(out) <= self.max_bytes:
-                return out
-        return self._line(p, now, "summary", _summaries(p.inputs), _summaries(p.outputs))
+        out: list[bytes | Exception | None] = [None] * len(events)
+        summarise: list[int] = []
+        for i, p in enumerate(events):
+            try:
+                if _fits(p, self.max_bytes):
+                    line = self._line(p, now, "full", _tensors(p.inputs), _tensors(p.outputs))
+                    if len(line) <= self.max_bytes:
+                        out[i] = line
+                        continue
+                summarise.append(i)
+            except Exception as exc:
+                out[i] = exc
+        if summarise:
+            tensors = [t for i in summarise for t in (events[i].inputs, events[i].outputs)]
+            summaries: list[Any]
+            try:
+                summaries = summaries_of(tensors)
+            except Exception:  # one bad event must not cost the others theirs: summarise them one by one
+                summaries = [_summaries_or_error(ts) for ts in tensors]
+            for k, i in enumerate(summarise):
+                try:
+                    for part in summaries[2 * k : 2 * k + 2]:
+                        if isinstance(part, Exception):
+                            raise part
+                    out[i] = self._line(events[i], now, "summary", summaries[2 * k], summaries[2 * k + 1])
+                except Exception as exc:
+                    out[i] = exc
+        return [x if x is not None else RuntimeError("no line") for x in out]
 
     def _line(self, p: Prediction, now: float, form: str, inputs: Any, outputs: Any) -> bytes:
         fields = event_fields(p, form, inputs, outputs)
@@ -247,12 +284,7 @@ def ecs_line(now: float, pid: int, message: str, fields: dict[str, Any]) -> byte
     """The line ``logs.Formatter`` (ecs-logging) writes for a record of the ``dlstack.predictions`` logger
     carrying ``fields``, built directly with orjson so numpy arrays need no conversion to lists; a test
     proves the two equal."""
-    sec = int(now)
-    head = {
-        "@timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{int((now - sec) * 1000):03d}Z",
-        "log.level": "info",
-        "message": message,
-    }
+    head = {"@timestamp": _timestamp(now), "log.level": "info", "message": message}
     rest = {
         "ecs.version": ecs_logging.ECS_VERSION,
         "log": {"logger": LOGGER},
@@ -262,6 +294,20 @@ def ecs_line(now: float, pid: int, message: str, fields: dict[str, Any]) -> byte
     }
     body = orjson.dumps(rest, option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE)
     return orjson.dumps(head)[:-1] + b"," + body[1:]
+
+
+_second: tuple[int, str] = (-1, "")  # the last second _timestamp formatted: strftime costs ~2 us a call
+
+
+def _timestamp(now: float) -> str:
+    """ecs-logging's @timestamp of ``now``: UTC, milliseconds, "Z"."""
+    global _second
+    sec = int(now)
+    cached, prefix = _second
+    if cached != sec:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        _second = (sec, prefix)
+    return f"{prefix}.{int((now - sec) * 1000):03d}Z"
 
 
 def text_line(now: float, message: str, p: Prediction, fields: dict[str, Any]) -> bytes:
@@ -325,6 +371,44 @@ def _summaries(ts: Tensors | None) -> list[dict[str, Any]] | None:
     if ts is None:
         return None
     return [summary(name, arr) for name, arr in ts.items()]
+
+
+def _summaries_or_error(ts: Tensors | None) -> list[dict[str, Any]] | Exception | None:
+    try:
+        return _summaries(ts)
+    except Exception as exc:
+        return exc
+
+
+def summaries_of(tensors: Sequence[Tensors | None]) -> list[list[dict[str, Any]] | None]:
+    """``_summaries`` of each entry, with the min/max/mean of small same-typed, same-shaped tensors computed
+    on one stacked array: per tensor, numpy's call overhead (~3 us a reduction) was most of the writer's cost."""
+    out: list[list[dict[str, Any]] | None] = [None if ts is None else [] for ts in tensors]
+    stacks: dict[tuple[np.dtype[Any], tuple[int, ...]], tuple[list[dict[str, Any]], list[np.ndarray]]] = {}
+    for ts, summaries in zip(tensors, out, strict=True):
+        if ts is None or summaries is None:
+            continue
+        for name, arr in ts.items():
+            if arr.dtype.kind == "O" or not arr.size or arr.nbytes > _STACK_BYTES or not arr.ndim:
+                summaries.append(summary(name, arr))
+                continue
+            s = {"name": name, "sha256": hashlib.sha256(np.ascontiguousarray(arr).data).hexdigest()}
+            summaries.append(s)
+            group = stacks.get(key := (arr.dtype, arr.shape))
+            if group is None:
+                group = stacks[key] = ([], [])
+            group[0].append(s)
+            group[1].append(arr)
+    for (dtype, shape), (members, arrays) in stacks.items():
+        # Same shape, row-major: concatenated along the first axis, row k of the reshape is arrays[k].
+        rows = np.concatenate(arrays).reshape(len(arrays), -1)
+        common = {"datatype": _datatype(dtype), "shape": list(shape)}
+        with np.errstate(all="ignore"):
+            lows, highs = rows.min(axis=1).tolist(), rows.max(axis=1).tolist()
+            means = rows.mean(axis=1, dtype=np.float64).tolist()
+        for s, lo, hi, mean in zip(members, lows, highs, means, strict=True):
+            s.update(common, min=float(lo), max=float(hi), mean=mean)
+    return out
 
 
 def summary(name: str, arr: np.ndarray) -> dict[str, Any]:
