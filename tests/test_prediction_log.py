@@ -583,3 +583,35 @@ def test_the_size_pre_check_never_summarises_values_that_would_fit(arr: np.ndarr
     with_separators = len(raw) - 2 + 1  # no brackets, a comma after every element
     assert with_separators >= arr.size * predlog._MIN_JSON_BYTES[arr.dtype.kind], raw
     assert predlog._fits(prediction(inputs={"t": arr}, outputs={}), with_separators)
+
+
+def test_batched_summaries_equal_one_by_one() -> None:
+    """The writer summarises a batch's small same-shaped tensors together (one stacked reduction per statistic,
+    the sha256 fed in pieces that keep the GIL); every field must equal the tensor's own ``summary``."""
+    rng = np.random.default_rng(7)
+    batch: list[dict[str, np.ndarray] | None] = [
+        {"x": rng.random((1, 784), dtype=np.float32), "ids": np.array([[3, -1]], np.int64)},
+        None,  # a request that failed before decoding
+        {"x": rng.random((1, 784), dtype=np.float32), "ids": np.array([[7, 2]], np.int64)},
+        {"x": rng.random((2, 784), dtype=np.float32)},  # another shape: its own stack
+        {"x": np.array([[np.nan, 1.0]], np.float32), "flag": np.array([[True, False]])},
+        {"big": rng.random((1, 20_000)), "empty": np.zeros((0, 4), np.float32), "s": np.array(2.5)},  # alone
+        {"text": np.array([b"a", b"bc"], dtype=object)},
+    ]
+    got = predlog.summaries_of(batch)
+    for ts, summaries in zip(batch, got, strict=True):
+        if ts is None:
+            assert summaries is None
+            continue
+        assert summaries is not None
+        want = predlog._summaries(ts) or []
+        assert [s["name"] for s in summaries] == list(ts)
+        for g, w in zip(summaries, want, strict=True):
+            assert {k: g[k] for k in ("name", "datatype", "shape", "sha256")} == {
+                k: w[k] for k in ("name", "datatype", "shape", "sha256")
+            }
+            for k in ("min", "max", "mean"):
+                if w[k] is None:
+                    assert g[k] is None
+                else:
+                    assert g[k] == pytest.approx(w[k], nan_ok=True, rel=1e-12)
