@@ -16,7 +16,7 @@ from services.registry.reference import compute_reference, load_reference_data, 
 from services.registry.store import RegistryError
 from services.serving.artifact import load_spec, read_spec
 from services.serving.runtimes import create_runtime
-from services.serving.server import drift
+from services.serving.server import drift, inference
 from services.serving.server.observe import Prediction
 from services.serving.server.settings import ServerSettings
 from tests.conftest import make_torch_mlp_artifact
@@ -193,10 +193,14 @@ def test_observer_skips_failures_other_widths_and_nan_rows(artifact_with_referen
 
 def test_sample_rate_picks_requests(artifact_with_reference: Path) -> None:
     ref = drift.read_reference(artifact_with_reference / drift.REFERENCE_FILE)
-    draws = iter([0.05, 0.5, 0.09, 0.95])
-    obs = drift.DriftObserver(ref, "drift-sample", "1", 0.1, draw=lambda: next(draws))
-    for _ in range(4):
-        obs.observe(_prediction(np.zeros((1, 8), np.float32), np.zeros((1, 3), np.float32)))
+    draws = iter([0.05, 0.5, 0.09, 0.95])  # inference.notify draws once per answer for all observers
+    obs = drift.DriftObserver(ref, "drift-sample", "1", 0.1)
+    server = SimpleNamespace(name="drift-sample", version="1", observers=[obs])
+    for i in range(4):
+        x, y = np.zeros((1, 8), np.float32), np.zeros((1, 3), np.float32)
+        call = SimpleNamespace(route="infer", request_id=str(i), inputs={"input": x}, outputs={"output": y},
+                               elapsed_ns=1000, headers={})  # fmt: skip
+        inference.notify(server, call, 200, lambda: next(draws))
     obs.flush()
     assert sum(_value("drift-sample", "input", 0, b) or 0 for b in range(10)) == 2
 

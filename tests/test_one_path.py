@@ -235,7 +235,8 @@ def test_the_answers_are_the_right_ones(answers: dict[str, dict[str, Any]]) -> N
 
 
 class Recorder:
-    def __init__(self) -> None:
+    def __init__(self, sample: float = 1.0) -> None:
+        self.sample = sample
         self.seen: list[Prediction] = []
 
     def observe(self, p: Prediction) -> None:
@@ -264,3 +265,34 @@ def test_observers_hear_each_inference_answer_once(tmp_path: Path) -> None:
     assert first.latency_s > 0
     assert second.status == 400 and second.inputs is None and second.outputs is None
     assert third.status == 404 and third.inputs is None
+
+
+def test_one_draw_per_answer_is_shared_and_an_unsampled_answer_builds_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Observers at 1 % and 10 %: a draw below 0.01 reaches both, below 0.1 the 10 % one only, above
+    neither; each answer draws once, and a Prediction is built only for an answer some observer takes."""
+    from types import SimpleNamespace
+
+    from services.serving.server import inference
+
+    built: list[Any] = []
+    monkeypatch.setattr(inference, "Prediction", lambda **kw: built.append(kw) or Prediction(**kw))
+    log, bins = Recorder(0.01), Recorder(0.1)
+    server = SimpleNamespace(name="m", version="1", observers=[log, bins])
+    draws = [0.005, 0.05, 0.5, 0.0999, 0.01]
+    calls = 0
+
+    def draw() -> float:
+        nonlocal calls
+        calls += 1
+        return draws[calls - 1]
+
+    for i in range(len(draws)):
+        call = SimpleNamespace(route="infer", request_id=f"r{i}", inputs={}, outputs={}, elapsed_ns=1, headers={})
+        inference.notify(server, call, 200, draw)  # type: ignore[arg-type]
+    assert calls == len(draws)
+    assert [p.request_id for p in log.seen] == ["r0"]
+    assert [p.request_id for p in bins.seen] == ["r0", "r1", "r3", "r4"]
+    assert len(built) == 4 and bins.seen[0] is log.seen[0]  # one Prediction per answer, shared
+    probe = SimpleNamespace(route="live", request_id="x", inputs=None, outputs=None, elapsed_ns=1, headers={})
+    inference.notify(server, probe, 200, draw)  # not an inference route: no draw at all
+    assert calls == len(draws)

@@ -14,8 +14,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,7 @@ import requests
 from prometheus_client import REGISTRY
 
 from services.serving.errors import UserError
-from services.serving.server import logs, predlog
+from services.serving.server import inference, logs, predlog
 from services.serving.server.observe import NO_LOG_HEADER, Prediction
 from services.serving.server.predlog import PredictionLog
 from services.serving.server.settings import ServerSettings
@@ -90,17 +91,27 @@ def make_log(sink: Collect, model: str, **kw: Any) -> PredictionLog:
     return PredictionLog(model, "1", sink=sink, **kw)
 
 
+def answered(observers: list[Any], rid: str, model: str, draw: Callable[[], float] = random.random) -> None:
+    """What a front end does after an inference answer: ``notify``, which draws once for all observers."""
+    p = prediction(rid=rid, model=model)
+    call = SimpleNamespace(
+        route="infer", request_id=rid, inputs=p.inputs, outputs=p.outputs, elapsed_ns=4_200_000, headers={}
+    )
+    inference.notify(SimpleNamespace(name=model, version="1", observers=observers), call, 200, draw)
+
+
 # --- sampling -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("rate", [0.01, 0.2])
 def test_sampling_rate_within_statistical_bounds(rate: float) -> None:
-    """20,000 requests at 1 % (seeded): the logged count is within ±0.3 % absolute (> 4 sigma) of the rate."""
+    """20,000 answers at 1 % (seeded draws): the logged count is within ±0.3 % absolute (> 4 sigma) of the rate."""
     sink = Collect()
-    log = make_log(sink, f"sample-{rate}", sample=rate, rng=random.Random(20261128).random, queue_size=20_000)
+    log = make_log(sink, f"sample-{rate}", sample=rate, queue_size=20_000)
     n = 20_000
+    draw = random.Random(20261128).random
     for i in range(n):
-        log.observe(prediction(rid=f"r{i}", model=f"sample-{rate}"))
+        answered([log], f"r{i}", f"sample-{rate}", draw)
     assert log.flush(30)
     docs = sink.docs()
     assert abs(len(docs) / n - rate) <= 0.003, len(docs)
@@ -113,8 +124,7 @@ def test_sample_zero_logs_nothing_and_one_logs_everything() -> None:
     off, on = Collect(), Collect()
     log_off, log_on = make_log(off, "s0", sample=0.0), make_log(on, "s1", sample=1.0)
     for i in range(50):
-        log_off.observe(prediction(rid=str(i)))
-        log_on.observe(prediction(rid=str(i)))
+        answered([log_off, log_on], str(i), "s")
     assert len(on.wait(50)) == 50
     assert off.docs() == []
 

@@ -14,6 +14,7 @@ observers (after it is written).
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -162,22 +163,31 @@ _log = logging.getLogger("dlstack.server")
 _INFERENCE_ROUTES = frozenset(r.name for r in TABLE if r.handler is None)
 
 
-def notify(s: ModelServer, call: Call, status: int) -> None:
-    """Tell the observers about an inference answer (nothing to do, and no allocation, when there are none)."""
+def notify(s: ModelServer, call: Call, status: int, draw: Callable[[], float] = random.random) -> None:
+    """Hand an inference answer to the observers that sample it (``observe``: one draw, shared).
+
+    An answer no observer samples allocates nothing: at 1 % and 10 %, building a Prediction and calling
+    each observer for every answer cost ~2 us of the event loop's ~250 us per request.
+    """
     observers = s.observers
     if not observers or call.route not in _INFERENCE_ROUTES:
         return
-    p = Prediction(
-        request_id=call.request_id,
-        model=s.name,
-        version=s.version,
-        inputs=call.inputs,
-        outputs=call.outputs if status == 200 else None,
-        status=status,
-        latency_s=call.elapsed_ns / 1e9,
-        headers=call.headers,
-    )
+    u = draw()
+    p: Prediction | None = None
     for observer in observers:
+        if u >= observer.sample:
+            continue
+        if p is None:
+            p = Prediction(
+                request_id=call.request_id,
+                model=s.name,
+                version=s.version,
+                inputs=call.inputs,
+                outputs=call.outputs if status == 200 else None,
+                status=status,
+                latency_s=call.elapsed_ns / 1e9,
+                headers=call.headers,
+            )
         try:
             observer.observe(p)
         except Exception:  # an observer must not raise; if one does, the answer is already gone: log it

@@ -6,6 +6,11 @@ its own bounded queue. The tensors are the arrays the model saw and produced, sh
 observers must not modify them, nor the Prediction. Keeping a reference (e.g. on a queue) is safe: the
 path never writes to them after the answer (request bodies are immutable bytes; batching stacks into
 new arrays).
+
+Sampling happens once, in ``inference.notify``: one uniform draw per answer, shared by the observers; an
+observer with ``sample`` s is handed the answers whose draw is below s. Each observer still gets exactly
+its share, and an answer no observer samples costs one draw, not a Prediction and a call per observer.
+Shared, the samples nest: the answers logged at 1 % are among those binned at 10 %.
 """
 
 from __future__ import annotations
@@ -32,4 +37,6 @@ class Prediction:
 
 
 class Observer(Protocol):
+    sample: float  # the share of inference answers it is handed, 0..1 (drawn by ``inference.notify``)
+
     def observe(self, p: Prediction) -> None: ...

@@ -1,8 +1,8 @@
 """Sampled prediction log: a fraction of the answered requests, with their tensors, as ECS JSON lines.
 
 Opt-in per model (``prediction_log: {sample: 0.01, max_bytes: 4096}`` in the stack file, rendered into
-``DLSTACK_PREDICTION_LOG_*`` and read through the server settings). The observer runs on the request's
-thread and only draws one random number; a sampled request's ``Prediction`` (array references, not
+``DLSTACK_PREDICTION_LOG_*`` and read through the server settings). The server samples (``inference.notify``,
+one draw per answer); on the request's thread, a sampled request's ``Prediction`` (array references, not
 copies: the one inference path never modifies arrays after the answer) is appended to a bounded queue
 without waiting. When the queue is full (the log consumer stalls) the event is dropped and counted, so a
 slow stdout never slows a request. One background thread per worker turns events into lines
@@ -24,7 +24,6 @@ import functools
 import hashlib
 import logging
 import os
-import random
 import sys
 import threading
 import time
@@ -82,10 +81,10 @@ class _Served(Protocol):
 
 
 class PredictionLog:
-    """An ``Observer``: samples predictions and writes them from its own thread (see the module docstring).
+    """An ``Observer``: queues the predictions it is handed and writes them from its own thread (module docstring).
 
     ``sink`` receives the lines of a batch of events, newline-terminated, and may block: only the writer
-    thread waits. ``rng`` returns floats in [0, 1); tests pass a seeded one.
+    thread waits. ``observe`` takes every prediction it is handed: ``inference.notify`` samples them.
     """
 
     def __init__(
@@ -98,7 +97,6 @@ class PredictionLog:
         queue_size: int = QUEUE,
         queue_bytes: int = QUEUE_BYTES,
         sink: Callable[[bytes], None] | None = None,
-        rng: Callable[[], float] = random.random,
         text: bool = False,
     ) -> None:
         if not 0.0 <= sample <= 1.0:
@@ -116,7 +114,6 @@ class PredictionLog:
         self.text = text
         self.queue_size = queue_size
         self._sink = sink or stdout_sink
-        self._rng = rng
         # A deque and one lock rather than queue.Queue: its condition variables cost the request thread
         # ~2 us per event, and nothing ever waits for room (a full queue drops).
         self._queue: deque[tuple[Prediction, int]] = deque()
@@ -131,11 +128,9 @@ class PredictionLog:
         self.written = WRITTEN.labels(model, version)
         self.dropped = DROPPED.labels(model, version)
 
-    # --- the request's thread: a random draw, a header lookup, an append -------------------------
+    # --- the request's thread: a header lookup, an append ----------------------------------------
 
     def observe(self, p: Prediction) -> None:
-        if self._rng() >= self.sample:
-            return
         if (off := p.headers.get(NO_LOG_HEADER)) is not None and off.strip().lower() == "off":
             return
         size = _nbytes(p.inputs) + _nbytes(p.outputs)
@@ -392,7 +387,8 @@ def summaries_of(tensors: Sequence[Tensors | None]) -> list[list[dict[str, Any]]
     """``_summaries`` of each entry, with the min/max/mean of small same-typed, same-shaped tensors computed
     on one stacked array: per tensor, numpy's call overhead (~3 us a reduction) was most of the writer's cost."""
     out: list[list[dict[str, Any]] | None] = [None if ts is None else [] for ts in tensors]
-    stacks: dict[tuple[np.dtype[Any], tuple[int, ...]], tuple[list[dict[str, Any]], list[np.ndarray]]] = {}
+    # (dtype, shape) -> the summaries list and index each member's summary goes to, its name and its array
+    stacks: dict[tuple[np.dtype[Any], tuple[int, ...]], list[tuple[list[Any], int, str, np.ndarray]]] = {}
     for ts, summaries in zip(tensors, out, strict=True):
         if ts is None or summaries is None:
             continue
@@ -400,22 +396,28 @@ def summaries_of(tensors: Sequence[Tensors | None]) -> list[list[dict[str, Any]]
             if arr.dtype.kind == "O" or not arr.size or arr.nbytes > _STACK_BYTES or not arr.ndim:
                 summaries.append(summary(name, arr))
                 continue
-            s: dict[str, Any] = {"name": name, "sha256": _sha256_holding_gil(arr)}
-            summaries.append(s)
-            group = stacks.get(key := (arr.dtype, arr.shape))
-            if group is None:
-                group = stacks[key] = ([], [])
-            group[0].append(s)
-            group[1].append(arr)
-    for (dtype, shape), (members, arrays) in stacks.items():
-        # Same shape, row-major: concatenated along the first axis, row k of the reshape is arrays[k].
-        rows = np.concatenate(arrays).reshape(len(arrays), -1)
-        common: dict[str, Any] = {"datatype": _datatype(dtype), "shape": list(shape)}
+            members = stacks.get(key := (arr.dtype, arr.shape))
+            if members is None:
+                members = stacks[key] = []
+            members.append((summaries, len(summaries), name, arr))
+            summaries.append({})  # replaced below: each summary stays in its tensor's place
+    for (dtype, shape), members in stacks.items():
+        # Same shape, row-major: concatenated along the first axis, row k of the reshape is member k's array.
+        rows = np.concatenate([m[3] for m in members]).reshape(len(members), -1)
+        datatype = _datatype(dtype)
         with np.errstate(all="ignore"):
             lows, highs = rows.min(axis=1).tolist(), rows.max(axis=1).tolist()
             means = rows.mean(axis=1, dtype=np.float64).tolist()
-        for s, lo, hi, mean in zip(members, lows, highs, means, strict=True):
-            s.update(common, min=float(lo), max=float(hi), mean=mean)
+        for (summaries, i, name, arr), lo, hi, mean in zip(members, lows, highs, means, strict=True):
+            summaries[i] = {
+                "name": name,
+                "datatype": datatype,
+                "shape": list(shape),
+                "min": float(lo),
+                "max": float(hi),
+                "mean": mean,
+                "sha256": _sha256_holding_gil(arr),
+            }
     return out
 
 
@@ -427,9 +429,13 @@ _HASH_PIECE = 2047
 
 def _sha256_holding_gil(arr: np.ndarray) -> str:
     """The sha256 of a (non-object) array's row-major bytes, as ``summary`` writes it."""
-    view = np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data
+    # A copy (at most _STACK_BYTES): cheaper than the numpy calls that make a contiguous byte view.
+    data = arr.tobytes()
+    if len(data) <= _HASH_PIECE:
+        return hashlib.sha256(data).hexdigest()
     h = hashlib.sha256()
-    for start in range(0, len(view), _HASH_PIECE):
+    view = memoryview(data)
+    for start in range(0, len(data), _HASH_PIECE):
         h.update(view[start : start + _HASH_PIECE])
     return h.hexdigest()
 
