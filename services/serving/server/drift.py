@@ -41,6 +41,7 @@ from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from services.serving.artifact import ArtifactError, ModelSpec, format_validation_error
+from services.serving.server.observe import nbytes
 from services.serving.server.settings import ServerSettings
 
 REFERENCE_FILE = "reference.json"  # in the artifact directory, listed in model.yaml files
@@ -219,7 +220,7 @@ class DriftObserver:
     def observe(self, p: Any) -> None:
         if p.status != 200 or p.inputs is None or p.outputs is None:
             return
-        size = sum(a.nbytes for a in p.inputs.values()) + sum(a.nbytes for a in p.outputs.values())
+        size = nbytes(p.inputs) + nbytes(p.outputs)
         with self._lock:
             self._queued.append((p.inputs, p.outputs))
             self._queued_bytes += size

@@ -40,3 +40,8 @@ class Observer(Protocol):
     sample: float  # the share of inference answers it is handed, 0..1 (drawn by ``inference.notify``)
 
     def observe(self, p: Prediction) -> None: ...
+
+
+def nbytes(ts: Tensors | None) -> int:
+    """Bytes of the arrays a Prediction's inputs or outputs hold: what an observer's queue keeps alive."""
+    return sum(a.nbytes for a in ts.values()) if ts else 0
