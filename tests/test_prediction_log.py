@@ -228,15 +228,19 @@ def test_bytes_tensors_are_logged_as_text() -> None:
 
 def test_line_is_the_ecs_logging_formatter_line() -> None:
     """Prediction lines are built without a LogRecord; they must be what the server's ECS formatter writes."""
-    p = prediction(model="fmt")
-    fields = predlog.event_fields(p, "full", predlog._tensors(p.inputs), predlog._tensors(p.outputs))
-    as_lists = json.loads(json.dumps(fields, default=lambda a: a.tolist()))
-    msg = "prediction fmt:1 200"
-    rec = logging.LogRecord(predlog.LOGGER, logging.INFO, __file__, 1, "%s", (msg,), None)
-    rec.ecs = as_lists
-    expected = logs.formatter().format(rec) + "\n"
-    got = predlog.ecs_line(rec.created, rec.process or 0, msg, fields)
-    assert got.decode() == expected
+    # Values that need escaping, and a summary line as well as a full one.
+    p = prediction(rid='id "quoted" \\ é', model="fmt\tmodel", status=200, latency_s=0.0123456)
+    summaries = predlog.summaries_of([p.inputs, p.outputs])
+    for form, inputs, outputs in [
+        ("full", predlog._tensors(p.inputs), predlog._tensors(p.outputs)),
+        ("summary", *summaries),
+    ]:
+        fields = predlog.event_fields(p, form, inputs, outputs)
+        rec = logging.LogRecord(predlog.LOGGER, logging.INFO, __file__, 1, "%s", ("prediction fmt\tmodel:1 200",), None)
+        rec.ecs = json.loads(json.dumps(fields, default=lambda a: a.tolist()))
+        expected = logs.formatter().format(rec) + "\n"
+        got = predlog.ecs_line(rec.created, p, form, inputs, outputs)
+        assert got.decode() == expected
 
 
 # --- opt-out ------------------------------------------------------------------------------------

@@ -17,13 +17,13 @@ prediction log at 1 % and drift bins at 0.1 (the stack's documented example rate
 100 % plus drift 0.1, at c=32 in a phase of their own. A few-percent target needs it: on this shared
 2-CPU machine, req/s measured a few seconds apart varies by up to 10 %, and two identical server
 instances differ by up to 8 % in CPU per request for as long as they live. So the phase runs
-``--observer-blocks`` blocks, each on fresh instances of the four servers, started in a rotated order;
-each block has four 1 s rounds, one server after the other in a Williams order (each takes every
-position once and follows every other once). Each server's req/s is divided by the "off" server's of the
-same round, and the target is the median of those paired ratios over all blocks. The noise control's
-median shows how finely the run resolves. The servers' stdout (the prediction log) goes to a file, as a
-container runtime's log driver takes it, and the written/dropped/binned counters are read back from
-/metrics.
+``--observer-blocks`` blocks, each on fresh instances of the four servers, started together; each block
+has four 1 s rounds, one server after the other in a Williams order (each takes every position once and
+follows every other once). Each server's req/s is divided by the "off" server's of the same round, and
+the target is the median of those paired ratios over all blocks. Beside it, a bootstrap interval over
+blocks and the noise control's median show how finely the run resolves. The servers' stdout (the
+prediction log) goes to a file, as a container runtime's log driver takes it, and the written/dropped/binned
+counters are read back from /metrics.
 It prints a markdown table with PASS/FAIL per target, the probe table and the worker choice. wrk
 shares the CPUs with the servers, so compare ratios within one run, never absolute numbers across
 machines. ``--quick``: 3 s points and the fast probes only (no slowloris, long line or pipelining).
@@ -43,7 +43,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -140,6 +140,35 @@ def serving(name: str, cmd: Callable[[int], list[str]], workdir: Path, env: dict
         yield server
     finally:
         server.stop()
+
+
+@contextmanager
+def serving_all(
+    specs: dict[str, tuple[Callable[[int], list[str]], dict[str, str]]], workdir: Path
+) -> Iterator[dict[str, harness.Server]]:
+    """``serving`` for several servers, started and stopped together (in parallel, a block's four cold starts
+    take about as long as two); all that started are stopped on exit, also when another failed to start."""
+    ports = {label: _free_port() for label in specs}
+    up: dict[str, harness.Server] = {}
+    with ThreadPoolExecutor(len(specs)) as pool:
+        futures = {
+            label: pool.submit(
+                harness.start, label, cmd(ports[label]), ports[label], workdir / f"{label}-{ports[label]}.log", env
+            )
+            for label, (cmd, env) in specs.items()
+        }
+        try:
+            failed: list[BaseException] = []
+            for label, future in futures.items():
+                if (exc := future.exception()) is not None:
+                    failed.append(exc)
+                else:
+                    up[label] = future.result()
+            if failed:
+                raise failed[0]
+            yield up
+        finally:
+            list(pool.map(harness.Server.stop, up.values()))
 
 
 @contextmanager
@@ -354,34 +383,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             )
 
     # Phase 3, issue 13's observers: the same artifact with and without them, in short paired rounds, on fresh
-    # server instances per block (identical instances differ by up to 8 % in CPU per request, for their lifetime).
-    paired: dict[str, list[float]] = {}
+    # server instances per block (identical instances differ in CPU per request, for their lifetime).
+    paired: dict[str, list[list[float]]] = {}
     if ref_artifact is not None and "mnist-mlp" in artifacts:
-        labels = list(OBSERVER_SERVERS)
         blocks, obs_s = (1, 1.0) if args.quick else (args.observer_blocks, OBSERVER_ROUND_S)
-        for b, start_order in enumerate(balanced_orders(labels, blocks)):
-            with ExitStack() as stack:
-                cmd = partial(harness.dlstack_cmd, ref_artifact)
-                obs = {
-                    label: stack.enter_context(serving(label, cmd, workdir, {**dl_env, **OBSERVER_SERVERS[label]}))
-                    for label in start_order
-                }
-                for srv in obs.values():
-                    check_correct(srv, "mnist-mlp", ref_artifact, expected["mnist-mlp"])
-                    drive(srv, "mnist-mlp", "json", c_max, ref_artifact, 1.0)  # warm-up, not recorded
-                block: dict[str, list[wrk.WrkResult]] = {label: [] for label in labels}
-                for order in balanced_orders(labels, len(labels)):
-                    for label in order:
-                        block[label].append(drive(obs[label], "mnist-mlp", "json", c_max, ref_artifact, obs_s))
-                for label, results in block.items():
-                    rounds.setdefault((label, "mnist-mlp", "json", c_max), []).extend(results)
-                    paired.setdefault(label, []).extend(
-                        r.rps / o.rps if o.rps else 0.0 for r, o in zip(results, block[labels[0]], strict=True)
-                    )
-                    counts = observer_counts(obs[label])
-                    observed[label] = {k: observed.get(label, {}).get(k, 0.0) + v for k, v in counts.items()}
+        for b in range(blocks):
+            block = observer_block(b, ref_artifact, expected["mnist-mlp"], workdir, dl_env, c_max, obs_s)
+            for label, (results, counts) in block.items():
+                rounds.setdefault((label, "mnist-mlp", "json", c_max), []).extend(results)
+                paired.setdefault(label, []).append(
+                    [r.rps / o.rps if o.rps else 0.0 for r, o in zip(results, block[OFF][0], strict=True)]
+                )
+                observed[label] = {k: observed.get(label, {}).get(k, 0.0) + v for k, v in counts.items()}
             log(f"observer block {b + 1}/{blocks}, median paired ratios so far: "
-                + ", ".join(f"{k} {median(v):.3f}" for k, v in paired.items()), file=sys.stderr)  # fmt: skip
+                + ", ".join(f"{k} {median(pooled(v)):.3f}" for k, v in paired.items()), file=sys.stderr)  # fmt: skip
 
     points = [aggregate(k, v) for k, v in rounds.items()]
     result: dict[str, Any] = {
@@ -399,7 +414,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "stalled_helper": stalled,
         "probes": probes,
         "observers": observed,
-        "observer_paired_ratios": paired,
+        "observer_paired_ratios_by_block": paired,
         "notes": notes,
     }  # fmt: skip
     result["targets"] = [asdict(t) for t in targets(points, memory, cold, c_max, args.stalled, observed, paired)]
@@ -420,6 +435,47 @@ REFERENCE_ROWS = 1000  # rows of the bench model's drift reference
 # ranged 0.98-1.02x across runs, as wide as the 1 % target's whole margin; instance noise shrinks with blocks.
 OBSERVER_BLOCKS = 12
 OBSERVER_ROUND_S = 1.0  # s per server per round: short, so background load drifts little within a round
+OFF = next(iter(OBSERVER_SERVERS))
+CI_LEVEL = 0.9  # the confidence level of the interval shown beside each paired median
+
+
+def observer_block(
+    b: int, artifact: Path, expected: np.ndarray, workdir: Path, env: dict[str, str], c: int, round_s: float
+) -> dict[str, tuple[list[wrk.WrkResult], dict[str, float]]]:
+    """One block of the observer phase on fresh instances of every OBSERVER_SERVERS server, started together:
+    per server, its req/s in each of the block's rounds (a Williams order) and its observer counters."""
+    labels = list(OBSERVER_SERVERS)
+    in_name, _, x = _sample(artifact)
+    body, headers = harness.json_body(in_name, x)
+    specs = {label: (partial(harness.dlstack_cmd, artifact), {**env, **OBSERVER_SERVERS[label]})
+             for label in balanced_orders(labels, b + 1)[b]}  # fmt: skip
+    with serving_all(specs, workdir) as up:
+        for srv in up.values():
+            check_correct(srv, "mnist-mlp", artifact, expected)
+            wrk.run(srv.infer_url("mnist-mlp"), body, headers, connections=c, duration_s=1.0)  # warm-up
+        results: dict[str, list[wrk.WrkResult]] = {label: [] for label in labels}
+        for order in balanced_orders(labels, len(labels)):
+            for label in order:
+                got = wrk.run(up[label].infer_url("mnist-mlp"), body, headers, connections=c, duration_s=round_s)
+                results[label].append(got[0])
+        with ThreadPoolExecutor(len(labels)) as pool:  # each waits for its counters to settle
+            counts = dict(zip(labels, pool.map(observer_counts, [up[label] for label in labels]), strict=True))
+        return {label: (results[label], counts[label]) for label in labels}
+
+
+def pooled(blocks: list[list[float]]) -> list[float]:
+    return [r for block in blocks for r in block]
+
+
+def block_interval(blocks: list[list[float]], level: float = CI_LEVEL, draws: int = 2000) -> tuple[float, float]:
+    """A percentile bootstrap interval of the pooled median, resampling whole blocks: a block's rounds share
+    its server instances, so the blocks, not the rounds, are the independent samples. Seeded: one run's
+    table is reproducible from its ratios."""
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, len(blocks), size=(draws, len(blocks)))
+    medians = [median(pooled([blocks[i] for i in row])) for row in picks]
+    lo, hi = np.quantile(medians, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
 
 
 def balanced_orders(labels: list[str], rounds: int) -> list[list[str]]:
@@ -456,8 +512,12 @@ def with_drift_reference(artifact: Path, out: Path) -> Path:
 def observer_counts(server: harness.Server, settle_s: float = 10.0) -> dict[str, float]:
     """What the observers did, from the server's /metrics: 200 answers, prediction events written and dropped,
     and drift bin counts (summed over tensors, groups and bins: 16 per sampled MLP row, 8 groups a tensor).
-    Waits up to ``settle_s`` for the writer threads to catch up with what was queued when the load stopped."""
+    Waits, up to ``settle_s``, until the counts stay the same for longer than the observers' threads take to
+    move what was queued when the load stopped (the drift flush period, the log writer's poll)."""
+    from services.serving.server.drift import FLUSH_S
+
     deadline = time.monotonic() + settle_s
+    last: dict[str, float] | None = None
     while True:
         counts = {
             "answered": metric_sum(server, "dlstack_requests_total", 'route="infer"', 'code="200"'),
@@ -465,9 +525,10 @@ def observer_counts(server: harness.Server, settle_s: float = 10.0) -> dict[str,
             "log_dropped": metric_sum(server, "dlstack_prediction_log_dropped_total"),
             "drift_bin_counts": metric_sum(server, "dlstack_drift_bin_total"),
         }
-        if counts["log_written"] + counts["log_dropped"] >= counts["answered"] or time.monotonic() > deadline:
+        if counts == last or time.monotonic() > deadline:
             return counts
-        time.sleep(0.2)
+        last = counts
+        time.sleep(FLUSH_S * 1.5)
 
 
 def metric_sum(server: harness.Server, name: str, *having: str) -> float:
@@ -519,10 +580,10 @@ def targets(
     c: int,
     stalled: int,
     observed: dict[str, dict[str, float]] | None = None,
-    paired: dict[str, list[float]] | None = None,
+    paired: dict[str, list[list[float]]] | None = None,
 ) -> list[Target]:
     """The issues' targets, evaluated on the points of this run; a missing point is a FAIL. ``paired``: per
-    observer server, its req/s over the "off" server's in each round of the observer phase."""
+    observer server and block of the observer phase, its req/s over the "off" server's in each round."""
 
     def pt(server: str, model: str, enc: str = "json") -> Point | None:
         return next(
@@ -578,17 +639,26 @@ def targets(
 
 
 def paired_target(
-    name: str, goal: float, on: Point | None, off: Point | None, ratios: list[float] | None, noise: list[float] | None
+    name: str,
+    goal: float,
+    on: Point | None,
+    off: Point | None,
+    blocks: list[list[float]] | None,
+    noise: list[list[float]] | None,
 ) -> Target:
-    """The median of the per-round req/s ratios >= goal, no errors; the mean ratio and the noise control (the
-    identical "off, again" server's median ratio) are shown beside it."""
+    """The median of the per-round req/s ratios (pooled over blocks) >= goal, no errors; beside it, its
+    bootstrap interval over blocks, the ratio of the means and the noise control (the identical "off,
+    again" server's median ratio)."""
+    ratios = pooled(blocks or [])
     if on is None or off is None or not ratios:
         return Target(name, f">= {goal}x req/s", "not measured", False)
     r = median(ratios)
-    measured = (f"{r:.3f}x (median of {len(ratios)} paired rounds; means {on.rps:,.0f} vs {off.rps:,.0f} req/s = "
+    lo, hi = block_interval(blocks or [])
+    measured = (f"{r:.3f}x (median of {len(ratios)} paired rounds in {len(blocks or [])} blocks, "
+                f"{CI_LEVEL:.0%} CI {lo:.3f}-{hi:.3f}; means {on.rps:,.0f} vs {off.rps:,.0f} req/s = "
                 f"{on.rps / off.rps if off.rps else 0:.3f}x; p99 {on.p99_ms:.1f} vs {off.p99_ms:.1f} ms)")  # fmt: skip
     if noise:
-        measured += f"; noise control, identical servers: {median(noise):.3f}x"
+        measured += f"; noise control, identical servers: {median(pooled(noise)):.3f}x"
     if on.errors or off.errors:
         measured += f", errors {on.errors}/{off.errors}"
     return Target(name, f">= {goal}x req/s (median paired ratio)", measured, r >= goal and not on.errors + off.errors)

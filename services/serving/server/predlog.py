@@ -259,11 +259,13 @@ class PredictionLog:
         return [x if x is not None else RuntimeError("no line") for x in out]
 
     def _line(self, p: Prediction, now: float, form: str, inputs: Any, outputs: Any) -> bytes:
-        fields = event_fields(p, form, inputs, outputs)
-        message = f"prediction {p.model}:{p.version} {p.status}"
         if self.text:
-            return text_line(now, message, p, fields)
-        return ecs_line(now, os.getpid(), message, fields)
+            return text_line(now, message(p), p, event_fields(p, form, inputs, outputs))
+        return ecs_line(now, p, form, inputs, outputs)
+
+
+def message(p: Prediction) -> str:
+    return f"prediction {p.model}:{p.version} {p.status}"
 
 
 def event_fields(p: Prediction, form: str, inputs: Any, outputs: Any) -> dict[str, Any]:
@@ -283,34 +285,34 @@ def event_fields(p: Prediction, form: str, inputs: Any, outputs: Any) -> dict[st
     }
 
 
-def ecs_line(now: float, pid: int, message: str, fields: dict[str, Any]) -> bytes:
+def ecs_line(now: float, p: Prediction, form: str, inputs: Any, outputs: Any) -> bytes:
     """The line ``logs.Formatter`` (ecs-logging) writes for a record of the ``dlstack.predictions`` logger
-    carrying ``fields``, built directly with orjson so numpy arrays need no conversion to lists; a test
-    proves the two equal."""
-    head = {"@timestamp": _timestamp(now), "log.level": "info", "message": message}
-    rest = {
-        "ecs.version": ecs_logging.ECS_VERSION,
-        "log": {"logger": LOGGER},
-        "process": {"pid": pid},
-        "service": {"name": logs.SERVICE_NAME},
-        **fields,
-    }
-    body = orjson.dumps(rest, option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE)
-    return orjson.dumps(head)[:-1] + b"," + body[1:]
+    carrying ``event_fields(p, form, inputs, outputs)`` (a test proves the two equal), from a template as
+    ``logs.access_json`` does: only the event's own values are encoded, and orjson writes the numpy arrays
+    without a conversion to lists."""
+    dumps = orjson.dumps
+    prediction = dumps(
+        {"form": form, "inputs": inputs, "latency_ms": round(p.latency_s * 1000, 3), "outputs": outputs},
+        option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY,
+    )
+    return (
+        b'{"@timestamp":"%s","log.level":"info","message":%s,"dlstack":{"prediction":%s},"ecs.version":%s,'
+        b'"event":{"dataset":"%s","duration":%d},"http":{"request":{"id":%s},"response":{"status_code":%d}},%s}\n'
+        % (
+            logs.timestamp(now).encode(),
+            dumps(message(p)),
+            prediction,
+            _ECS_VERSION,
+            DATASET.encode(),
+            int(p.latency_s * 1e9),
+            dumps(p.request_id),
+            p.status,
+            logs.process_tail(LOGGER, p.model, p.version),
+        )
+    )
 
 
-_second: tuple[int, str] = (-1, "")  # the last second _timestamp formatted: strftime costs ~2 us a call
-
-
-def _timestamp(now: float) -> str:
-    """ecs-logging's @timestamp of ``now``: UTC, milliseconds, "Z"."""
-    global _second
-    sec = int(now)
-    cached, prefix = _second
-    if cached != sec:
-        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-        _second = (sec, prefix)
-    return f"{prefix}.{int((now - sec) * 1000):03d}Z"
+_ECS_VERSION = orjson.dumps(ecs_logging.ECS_VERSION)
 
 
 def text_line(now: float, message: str, p: Prediction, fields: dict[str, Any]) -> bytes:
