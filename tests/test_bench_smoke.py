@@ -280,6 +280,17 @@ def test_observer_targets_need_their_points_and_no_drops() -> None:
     assert not missing[queue].passed
 
 
+def test_observer_servers_are_paired_with_the_mean_of_the_two_off_servers() -> None:
+    off, again, log1, log100 = server_bench.OBSERVER_SERVERS
+    rps = {off: [100.0, 200.0], again: [110.0, 190.0], log1: [105.0, 0.0], log100: [84.0, 156.0]}
+    got = server_bench.paired_ratios(rps)
+    assert set(got) == {again, log1, log100}  # "off" is only ever a reference
+    assert got[again] == pytest.approx([1.1, 0.95])  # the noise control: one identical server over the other
+    assert got[log1] == pytest.approx([1.0, 0.0])
+    assert got[log100] == pytest.approx([0.8, 0.8])
+    assert server_bench.paired_ratios({off: [0.0], again: [0.0], log1: [5.0]})[log1] == [0.0]  # no req/s, no ratio
+
+
 def test_observer_rounds_are_balanced() -> None:
     """Every server is measured in every position equally often over a full cycle, and never always right
     after the same one: a slow background drift cannot favour one of them."""

@@ -19,8 +19,8 @@ prediction log at 1 % and drift bins at 0.1 (the stack's documented example rate
 instances differ by up to 8 % in CPU per request for as long as they live. So the phase runs
 ``--observer-blocks`` blocks, each on fresh instances of the four servers, started together; each block
 has four 1 s rounds, one server after the other in a Williams order (each takes every position once and
-follows every other once). Each server's req/s is divided by the "off" server's of the same round, and
-the target is the median of those paired ratios over all blocks. Beside it, a bootstrap interval over
+follows every other once). Each observer server's req/s is divided by the mean of the two "off" servers'
+of the same round, and the target is the median of those paired ratios over all blocks. Beside it, a bootstrap interval over
 blocks and the noise control's median show how finely the run resolves. The servers' stdout (the
 prediction log) goes to a file, as a container runtime's log driver takes it, and the written/dropped/binned
 counters are read back from /metrics.
@@ -391,10 +391,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             block = observer_block(b, ref_artifact, expected["mnist-mlp"], workdir, dl_env, c_max, obs_s)
             for label, (results, counts) in block.items():
                 rounds.setdefault((label, "mnist-mlp", "json", c_max), []).extend(results)
-                paired.setdefault(label, []).append(
-                    [r.rps / o.rps if o.rps else 0.0 for r, o in zip(results, block[OFF][0], strict=True)]
-                )
                 observed[label] = {k: observed.get(label, {}).get(k, 0.0) + v for k, v in counts.items()}
+            for label, ratios in paired_ratios({k: [r.rps for r in v[0]] for k, v in block.items()}).items():
+                paired.setdefault(label, []).append(ratios)
             log(f"observer block {b + 1}/{blocks}, median paired ratios so far: "
                 + ", ".join(f"{k} {median(pooled(v)):.3f}" for k, v in paired.items()), file=sys.stderr)  # fmt: skip
 
@@ -431,11 +430,12 @@ OBSERVER_SERVERS: dict[str, dict[str, str]] = {
     "dlstack-ref log 100% drift 0.1": {"DLSTACK_PREDICTION_LOG_SAMPLE": "1", "DLSTACK_DRIFT_SAMPLE": "0.1"},
 }
 REFERENCE_ROWS = 1000  # rows of the bench model's drift reference
-# Blocks of the observer phase (--observer-blocks), each on fresh servers. At 6, the noise control's median
-# ranged 0.98-1.02x across runs, as wide as the 1 % target's whole margin; instance noise shrinks with blocks.
-OBSERVER_BLOCKS = 12
+# Blocks of the observer phase (--observer-blocks), each on fresh servers, ~30 s each. At 6, the noise control's
+# median ranged 0.98-1.02x across runs, as wide as the 1 % target's whole margin; at 12, the 1 % server's
+# 0.959-0.973x in three runs of the same code. Instance noise shrinks with the number of blocks.
+OBSERVER_BLOCKS = 30
 OBSERVER_ROUND_S = 1.0  # s per server per round: short, so background load drifts little within a round
-OFF = next(iter(OBSERVER_SERVERS))
+OFF, AGAIN = list(OBSERVER_SERVERS)[:2]
 CI_LEVEL = 0.9  # the confidence level of the interval shown beside each paired median
 
 
@@ -461,6 +461,18 @@ def observer_block(
         with ThreadPoolExecutor(len(labels)) as pool:  # each waits for its counters to settle
             counts = dict(zip(labels, pool.map(observer_counts, [up[label] for label in labels]), strict=True))
         return {label: (results[label], counts[label]) for label in labels}
+
+
+def paired_ratios(rps: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Per round of a block (req/s per server): the noise control over "off", and each observer server over
+    the mean of the two identical "off" servers, in whose mean their instance noise is halved."""
+    off, again = rps[OFF], rps[AGAIN]
+    reference = [(o + a) / 2 for o, a in zip(off, again, strict=True)]
+    out = {AGAIN: [a / o if o else 0.0 for a, o in zip(again, off, strict=True)]}
+    for label, values in rps.items():
+        if label not in (OFF, AGAIN):
+            out[label] = [v / r if r else 0.0 for v, r in zip(values, reference, strict=True)]
+    return out
 
 
 def pooled(blocks: list[list[float]]) -> list[float]:
