@@ -20,8 +20,8 @@ instances differ by up to 8 % in CPU per request for as long as they live. So th
 ``--observer-blocks`` blocks, each on fresh instances of the four servers, started together; each block
 has four 1 s rounds, one server after the other in a Williams order (each takes every position once and
 follows every other once). Each observer server's req/s is divided by the mean of the two "off" servers'
-of the same round, and the target is the median of those paired ratios over all blocks. Beside it, a bootstrap interval over
-blocks and the noise control's median show how finely the run resolves. The servers' stdout (the
+of the same round, and the target is the median of those paired ratios over all blocks. Beside it, a
+bootstrap interval over blocks and the noise control's median show how finely the run resolves. The servers' stdout (the
 prediction log) goes to a file, as a container runtime's log driver takes it, and the written/dropped/binned
 counters are read back from /metrics.
 It prints a markdown table with PASS/FAIL per target, the probe table and the worker choice. wrk
