@@ -422,7 +422,7 @@ def access_json(
             int((now - sec) * 1000),
             (_LEVELS.get(level) or logging.getLevelName(level).lower()).encode(),
             dumps(f"{method} {path} {status}"),
-            _ECS_VERSION,
+            ECS_VERSION_JSON,
             ACCESS_DATASET.encode(),
             duration_ns,
             dumps(rid),
@@ -434,7 +434,7 @@ def access_json(
     )
 
 
-_ECS_VERSION = orjson.dumps(ecs_logging.ECS_VERSION)
+ECS_VERSION_JSON = orjson.dumps(ecs_logging.ECS_VERSION)  # shared by the templated lines
 
 
 def event(message: str, *, level: int = logging.INFO, **fields: Any) -> None:

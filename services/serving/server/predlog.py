@@ -31,7 +31,6 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-import ecs_logging
 import numpy as np
 import orjson
 from prometheus_client import Counter
@@ -302,7 +301,7 @@ def ecs_line(now: float, p: Prediction, form: str, inputs: Any, outputs: Any) ->
             logs.timestamp(now).encode(),
             dumps(message(p)),
             prediction,
-            _ECS_VERSION,
+            logs.ECS_VERSION_JSON,
             DATASET.encode(),
             int(p.latency_s * 1e9),
             dumps(p.request_id),
@@ -310,9 +309,6 @@ def ecs_line(now: float, p: Prediction, form: str, inputs: Any, outputs: Any) ->
             logs.process_tail(LOGGER, p.model, p.version),
         )
     )
-
-
-_ECS_VERSION = orjson.dumps(ecs_logging.ECS_VERSION)
 
 
 def text_line(now: float, message: str, p: Prediction, fields: dict[str, Any]) -> bytes:
