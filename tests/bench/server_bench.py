@@ -595,7 +595,7 @@ def targets(
     paired: dict[str, list[list[float]]] | None = None,
 ) -> list[Target]:
     """The issues' targets, evaluated on the points of this run; a missing point is a FAIL. ``paired``: per
-    observer server and block of the observer phase, its req/s over the "off" server's in each round."""
+    observer server and block of the observer phase, ``paired_ratios`` of each round."""
 
     def pt(server: str, model: str, enc: str = "json") -> Point | None:
         return next(
