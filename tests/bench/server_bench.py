@@ -645,7 +645,8 @@ def targets(
     ratios = paired or {}
     for label, rate, goal in ((log1, "1 %", 0.97), (log100, "100 %", 0.85)):
         out.append(paired_target(f"MLP, JSON, c={c}, prediction log {rate} + drift 0.1 vs off", goal,
-                                 pt(label, mlp), pt(off, mlp), ratios.get(label), ratios.get(again)))  # fmt: skip
+                                 pt(label, mlp), pt(off, mlp), ratios.get(label), ratios.get(again),
+                                 pt(again, mlp)))  # fmt: skip
     out.append(queue_target(pt(log100, mlp), pt(off, mlp), (observed or {}).get(log100)))
     return out
 
@@ -657,18 +658,21 @@ def paired_target(
     off: Point | None,
     blocks: list[list[float]] | None,
     noise: list[list[float]] | None,
+    again: Point | None,
 ) -> Target:
     """The median of the per-round req/s ratios (pooled over blocks) >= goal, no errors; beside it, its
     bootstrap interval over blocks, the ratio of the means and the noise control (the identical "off,
-    again" server's median ratio)."""
+    again" server's median ratio). The means compare with the same reference as the rounds: the mean of
+    the two off servers (``off`` alone if ``again`` was not measured)."""
     ratios = pooled(blocks or [])
     if on is None or off is None or not ratios:
         return Target(name, f">= {goal}x req/s", "not measured", False)
     r = median(ratios)
     lo, hi = block_interval(blocks or [])
+    ref = (off.rps + again.rps) / 2 if again is not None else off.rps
     measured = (f"{r:.3f}x (median of {len(ratios)} paired rounds in {len(blocks or [])} blocks, "
-                f"{CI_LEVEL:.0%} CI {lo:.3f}-{hi:.3f}; means {on.rps:,.0f} vs {off.rps:,.0f} req/s = "
-                f"{on.rps / off.rps if off.rps else 0:.3f}x; p99 {on.p99_ms:.1f} vs {off.p99_ms:.1f} ms)")  # fmt: skip
+                f"{CI_LEVEL:.0%} CI {lo:.3f}-{hi:.3f}; means {on.rps:,.0f} vs {ref:,.0f} req/s off = "
+                f"{on.rps / ref if ref else 0:.3f}x; p99 {on.p99_ms:.1f} vs {off.p99_ms:.1f} ms)")  # fmt: skip
     if noise:
         measured += f"; noise control, identical servers: {median(pooled(noise)):.3f}x"
     if on.errors or off.errors:
