@@ -663,13 +663,13 @@ def paired_target(
     """The median of the per-round req/s ratios (pooled over blocks) >= goal, no errors; beside it, its
     bootstrap interval over blocks, the ratio of the means and the noise control (the identical "off,
     again" server's median ratio). The means compare with the same reference as the rounds: the mean of
-    the two off servers (``off`` alone if ``again`` was not measured)."""
+    the two off servers."""
     ratios = pooled(blocks or [])
-    if on is None or off is None or not ratios:
+    if on is None or off is None or again is None or not ratios:
         return Target(name, f">= {goal}x req/s", "not measured", False)
     r = median(ratios)
     lo, hi = block_interval(blocks or [])
-    ref = (off.rps + again.rps) / 2 if again is not None else off.rps
+    ref = (off.rps + again.rps) / 2
     measured = (f"{r:.3f}x (median of {len(ratios)} paired rounds in {len(blocks or [])} blocks, "
                 f"{CI_LEVEL:.0%} CI {lo:.3f}-{hi:.3f}; means {on.rps:,.0f} vs {ref:,.0f} req/s off = "
                 f"{on.rps / ref if ref else 0:.3f}x; p99 {on.p99_ms:.1f} vs {off.p99_ms:.1f} ms)")  # fmt: skip
