@@ -87,6 +87,7 @@ class ModelServiceArgs:
     prediction_log_sample: float | None = None  # default None = off; fraction of requests in the prediction log
     prediction_log_max_bytes: int | None = None  # default None = server default (4096); bytes per logged event
     drift_sample: float | None = None  # default None = off; fraction of requests binned for drift
+    drift_max_rows_per_s: float | None = None  # default None = server default (20); rows binned per s per replica
     gpu_count: int = 0  # default 0 = CPU only; GPUs per replica (limit on gpu_resource)
     gpu_resource: str = "nvidia.com/gpu"  # default nvidia.com/gpu; extended resource name
     gpu_tolerations: tuple[dict[str, str], ...] = (GPU_TOLERATION,)  # default tolerate the nvidia.com/gpu taint
@@ -132,6 +133,7 @@ class ModelServiceArgs:
             prediction_log_sample=self.prediction_log_sample,
             prediction_log_max_bytes=self.prediction_log_max_bytes,
             drift_sample=self.drift_sample,
+            drift_max_rows_per_s=self.drift_max_rows_per_s,
         )
 
     @property

@@ -468,6 +468,8 @@ class DriftConfig(_Strict):
     """Input/output drift binning for this model; absent = off."""
 
     sample: Float  # required; fraction of requests binned, in (0, 1], e.g. 0.1
+    # default None = the server's (20); rows binned per second per replica, at most; 0 = no cap
+    max_rows_per_s: Float | None = Field(default=None, ge=0)
 
     @field_validator("sample")
     @classmethod
@@ -586,7 +588,7 @@ class ModelConfig(_Strict):
     autoscaling: AutoscalingConfig | None = None  # default none = the CPU HPA (replicas.target_cpu_percent)
     capacity: CapacityConfig | None = None  # default none; written by `dlstack capacity --write-config`
     prediction_log: PredictionLogConfig | None = None  # default none = off; {sample: 0.01, max_bytes: 4096}
-    drift: DriftConfig | None = None  # default none = off; {sample: 0.1}
+    drift: DriftConfig | None = None  # default none = off; {sample: 0.1} (max_rows_per_s: the server's 20)
 
     @property
     def load_target(self) -> float | None:

@@ -169,6 +169,7 @@ def model_service_args(
         prediction_log_sample=m.prediction_log.sample if m.prediction_log else None,
         prediction_log_max_bytes=m.prediction_log.max_bytes if m.prediction_log else None,
         drift_sample=m.drift.sample if m.drift else None,
+        drift_max_rows_per_s=m.drift.max_rows_per_s if m.drift else None,
         gpu_count=m.gpu.count if m.gpu else 0,
         gpu_resource=m.gpu.resource if m.gpu else "nvidia.com/gpu",
         priority_class_name=PRIORITY_MODELS,

@@ -249,7 +249,9 @@ def test_observer_targets_need_their_points_and_no_drops() -> None:
         return server_bench.Point(server, "mnist-mlp", "json", 32, rps, 1.0, 2.0, p99, int(rps), 0)
 
     off, again, log1, log100 = server_bench.OBSERVER_SERVERS
-    names = [f"MLP, JSON, c=32, prediction log {r} + drift 0.1 vs off" for r in ("1 %", "100 %")]
+    drift = server_bench.observed_drift()
+    assert drift == "drift 0.1 (cap 20 rows/s)"
+    names = [f"MLP, JSON, c=32, prediction log {r} + {drift} vs off" for r in ("1 %", "100 %")]
     queue = "prediction log 100 %: no request waits on the queue"
     # The means say 0.945x and 0.796x (against the mean of the two off servers, 1,005 req/s), but the
     # targets are the medians of the paired rounds pooled over the blocks: 0.98x and 0.84x.
@@ -313,6 +315,7 @@ def test_observer_server_logs_every_answer_and_bins_the_sampled_ones(tmp_path: P
     )
     port = free_port()
     env = {"PYTHONPATH": str(harness.ROOT), "DLSTACK_PREDICTION_LOG_SAMPLE": "1", "DLSTACK_DRIFT_SAMPLE": "1"}
+    env["DLSTACK_DRIFT_MAX_ROWS_PER_S"] = "0"  # every answer binned, so the counts can be compared
     with harness.start("observed", harness.dlstack_cmd(art, port, 1), port, tmp_path / "o.log", env) as srv:
         body, headers = harness.json_body("input", np.random.default_rng(0).random((1, 8), dtype=np.float32))
         res, raw = wrk.run(srv.infer_url("mlp"), body, headers, connections=4, duration_s=1)

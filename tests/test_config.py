@@ -228,6 +228,11 @@ BAD = [
         "for off",
     ),
     (
+        "drift-max-rows-negative",
+        [([M, 1, "drift"], {"sample": 0.1, "max_rows_per_s": -5})],
+        P + "dlstack:models[1].drift.max_rows_per_s: -5 is invalid: input should be greater than or equal to 0",
+    ),
+    (
         "bad-domain",
         [(["dlstack:ingress", "domain"], "https://x.example")],
         P + 'dlstack:ingress.domain: "https://x.example" is not a DNS domain (e.g. "dlstack.localtest.me")',
@@ -250,7 +255,7 @@ def test_serving_overrides_are_optional_and_feedback_knobs_parse(tmp_path: Path)
     doc = _doc()
     del doc["config"][M][0]["batching"]
     doc["config"][M][0]["prediction_log"] = {"sample": 0.01, "max_bytes": 4096}
-    doc["config"][M][1]["drift"] = {"sample": 0.1}
+    doc["config"][M][1]["drift"] = {"sample": 0.1, "max_rows_per_s": 50}
     first, second = load_stack_config("prod", _write(tmp_path, doc)).models
     assert (first.batching.max_batch_size, first.batching.max_batch_time_ms) == (None, None)
     assert first.prediction_log is not None and (first.prediction_log.sample, first.prediction_log.max_bytes) == (
@@ -258,7 +263,7 @@ def test_serving_overrides_are_optional_and_feedback_knobs_parse(tmp_path: Path)
         4096,
     )
     assert first.drift is None and second.prediction_log is None
-    assert second.drift is not None and second.drift.sample == 0.1
+    assert second.drift is not None and (second.drift.sample, second.drift.max_rows_per_s) == (0.1, 50)
     assert second.batching.max_batch_size == 8  # the committed stack file sets it: kept
 
 

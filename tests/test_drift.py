@@ -142,8 +142,10 @@ def _server(artifact: Path, name: str) -> SimpleNamespace:
     return SimpleNamespace(spec=spec, name=name, version="1", observers=[])
 
 
-def _settings(artifact: Path, sample: float) -> ServerSettings:
-    return ServerSettings.from_env({"DLSTACK_ARTIFACT_DIR": str(artifact), "DLSTACK_DRIFT_SAMPLE": str(sample)})
+def _settings(artifact: Path, sample: float, **env: str) -> ServerSettings:
+    # No row cap unless a test sets one: these tests count every row they send.
+    base = {"DLSTACK_ARTIFACT_DIR": str(artifact), "DLSTACK_DRIFT_SAMPLE": str(sample)}
+    return ServerSettings.from_env({**base, "DLSTACK_DRIFT_MAX_ROWS_PER_S": "0", **env})
 
 
 def _prediction(x: np.ndarray, y: np.ndarray, status: int = 200) -> Prediction:
@@ -203,6 +205,49 @@ def test_sample_rate_picks_requests(artifact_with_reference: Path) -> None:
         inference.notify(server, call, 200, lambda: next(draws))
     obs.flush()
     assert sum(_value("drift-sample", "input", 0, b) or 0 for b in range(10)) == 2
+
+
+def test_the_row_cap_bins_at_most_its_rate_and_whole_requests(artifact_with_reference: Path) -> None:
+    ref = drift.read_reference(artifact_with_reference / drift.REFERENCE_FILE)
+    now = [100.0]
+    obs = drift.DriftObserver(ref, "drift-cap", "1", 1.0, max_rows_per_s=10, clock=lambda: now[0])
+
+    def send(requests: int, rows: int = 1) -> float:
+        """Rows binned out of ``requests`` requests of ``rows`` rows, all at the clock's current time."""
+        before = sum(_value("drift-cap", "input", 0, b) or 0 for b in range(10))
+        for _ in range(requests):
+            obs.observe(_prediction(np.zeros((rows, 8), np.float32), np.zeros((rows, 3), np.float32)))
+        obs.flush()
+        return sum(_value("drift-cap", "input", 0, b) or 0 for b in range(10)) - before
+
+    assert send(30) == 10  # a full bucket: one second's rows
+    assert send(5) == 0
+    now[0] += 0.5
+    assert send(30) == 5  # refilled at 10 rows/s
+    now[0] += 60
+    assert send(30) == 10  # an idle minute refills one second's rows, not sixty
+    now[0] += 1
+    assert send(1, rows=25) == 25  # larger than the bucket: binned whole (every row of a request counts) ...
+    now[0] += 1
+    assert send(3) == 0  # ... and paid back before the next: -15 + 10 tokens
+    now[0] += 1
+    assert send(30) == 5
+    outputs = sum(_value("drift-cap", "output", g, b) or 0 for g in range(3) for b in range(10))
+    assert outputs == (10 + 5 + 10 + 25 + 5) * 3  # a request's outputs are binned with its inputs, or not at all
+
+
+def test_the_server_splits_its_row_cap_over_its_workers(artifact_with_reference: Path) -> None:
+    for env, per_worker in (
+        ({"DLSTACK_WORKERS": "4", "DLSTACK_DRIFT_MAX_ROWS_PER_S": "20"}, 5.0),
+        ({"DLSTACK_WORKERS": "1", "DLSTACK_DRIFT_MAX_ROWS_PER_S": "0"}, 0.0),
+    ):
+        server = _server(artifact_with_reference, "drift-split")
+        obs = drift.install(server, _settings(artifact_with_reference, 0.5, **env))
+        assert obs is not None and obs.max_rows_per_s == per_worker
+    default = ServerSettings.from_env({"DLSTACK_ARTIFACT_DIR": str(artifact_with_reference), "DLSTACK_WORKERS": "2"})
+    assert default.drift_max_rows_per_s == 20
+    obs = drift.install(_server(artifact_with_reference, "drift-split"), default.model_copy(update={"drift_sample": 1}))
+    assert obs is not None and obs.max_rows_per_s == 10
 
 
 def test_binned_rows_reach_the_counters_without_an_explicit_flush(artifact_with_reference: Path) -> None:

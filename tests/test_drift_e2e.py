@@ -1,6 +1,7 @@
 """Drift end to end: register with --reference-data, serve the export, feed it, and let a REAL Prometheus score it.
 
-Two real servers (``dlstack serve``, 1 gunicorn worker each, ``DLSTACK_DRIFT_SAMPLE=1``) serve the same
+Two real servers (``dlstack serve``, 1 gunicorn worker each, ``DLSTACK_DRIFT_SAMPLE=1`` under a row cap of
+``CAP`` per second, below what the feed sends) serve the same
 TorchScript MLP, registered twice with the same reference data (1,000 rows of N(0, 1)): "shifted" is
 fed N(2, 1) inputs, "steady" more N(0, 1). Prometheus (loopback, 1 s scrape and evaluation) loads the
 drift rules of infra.alerts with a 30 s window instead of 1 h, so the score settles in seconds.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from tests.serving import ServerHandle, start_server
 NS = "ml"
 MODELS = ("shifted", "steady")
 ROWS = 20  # rows per request
+CAP = 40  # DLSTACK_DRIFT_MAX_ROWS_PER_S: below what the feed sends, so the cap decides the rows binned
 SLOS = {
     m: ModelSLO(name=m, namespace=NS, error_ratio=0.5, p99_ms=10_000, drift=True, drift_window="30s", drift_for="3s")
     for m in MODELS
@@ -99,7 +102,7 @@ def test_shifted_inputs_raise_the_drift_score_and_the_alert(tmp_path: Path) -> N
         assert main([*args, "--reference-data", str(data)]) == 0
         exports[m] = Registry(str(registry)).resolve(f"{m}:1").export(tmp_path / f"export-{m}")  # the image's /model
 
-    env = {"DLSTACK_DRIFT_SAMPLE": "1"}
+    env = {"DLSTACK_DRIFT_SAMPLE": "1", "DLSTACK_DRIFT_MAX_ROWS_PER_S": str(CAP)}
     with (
         start_server(exports["shifted"], workers=1, env=env) as shifted,
         start_server(exports["steady"], workers=1, env=env) as steady,
@@ -114,6 +117,7 @@ def test_shifted_inputs_raise_the_drift_score_and_the_alert(tmp_path: Path) -> N
             wait_for(lambda: prom.query("count(up == 1)").get("") == 2, 30, "first scrape of both servers")
             stop, sent = threading.Event(), dict.fromkeys(MODELS, 0)
             feeder = threading.Thread(target=_feed, args=(servers, stop, sent), daemon=True)
+            t0 = time.monotonic()
             feeder.start()
             try:
                 scores = wait_for(
@@ -127,10 +131,16 @@ def test_shifted_inputs_raise_the_drift_score_and_the_alert(tmp_path: Path) -> N
             finally:
                 stop.set()
                 feeder.join(30)
-    print(f"requests sent {sent}; PSI {scores}; sampled rows in the window {rows}")  # measured, with -s
+                fed_s = time.monotonic() - t0
+                fed = sent["steady"] * ROWS / fed_s
+    print(f"requests sent {sent} ({fed:.0f} rows/s); PSI {scores}; sampled rows in the window {rows}")  # with -s
     assert sent["shifted"] > 0 and sent["steady"] > 0
     # Same distribution: within sampling noise of 0 (about 9 / rows per group); shifted by 2 sigma: far above 0.2.
     assert scores["steady"] < 0.1, scores
     assert scores["shifted"] > 1.0, scores
     assert rows["steady"] >= 500, rows
+    # The cap binned CAP rows a second over the feed (or the 30 s window), the bucket's first second and
+    # increase()'s extrapolation aside: far less than was fed.
+    assert fed > 2 * CAP, f"the feed sent only {fed:.0f} rows/s; the cap of {CAP} was never reached"
+    assert rows["steady"] <= CAP * (min(fed_s, 30) + 1) * 1.25, (rows, fed_s)
     assert "steady" not in state, state

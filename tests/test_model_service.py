@@ -182,7 +182,8 @@ def test_server_reads_every_env_var_we_set(dev: list[dict[str, Any]]) -> None:
     assert settings.bind == "0.0.0.0:8080" and settings.workers == 2 and settings.cpu_limit == 2.0
     assert (settings.graceful_timeout, settings.drain_seconds) == (25, 0)
     # Nothing set in the args: model.yaml `serving` and the server's defaults decide, so nothing is written.
-    for field in ("max_batch_size", "max_batch_time_ms", "max_body_bytes", "prediction_log_sample", "drift_sample"):
+    unset = ("max_batch_size", "max_batch_time_ms", "max_body_bytes", "prediction_log_sample", "drift_sample")
+    for field in (*unset, "drift_max_rows_per_s"):
         assert ServerSettings.env_name(field) not in env, field
 
 
@@ -196,6 +197,7 @@ def test_args_that_are_set_reach_the_pod_env_under_the_settings_names() -> None:
                 prediction_log_sample=0.01,
                 prediction_log_max_bytes=512,
                 drift_sample=0.1,
+                drift_max_rows_per_s=40,
             ),
             "Deployment",
         )
@@ -203,7 +205,7 @@ def test_args_that_are_set_reach_the_pod_env_under_the_settings_names() -> None:
     settings = ServerSettings.from_env({**env, "DLSTACK_ARTIFACT_DIR": "/model"})
     assert (settings.max_batch_size, settings.max_batch_time_ms, settings.max_body_bytes) == (16, 0.5, 4096)
     assert (settings.prediction_log_sample, settings.prediction_log_max_bytes) == (0.01, 512)
-    assert settings.drift_sample == 0.1
+    assert (settings.drift_sample, settings.drift_max_rows_per_s) == (0.1, 40)
     assert env["DLSTACK_MAX_BATCH_SIZE"] == "16" and env["DLSTACK_PREDICTION_LOG_SAMPLE"] == "0.01"
 
 

@@ -77,7 +77,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict[s
         if batching is not None:
             m["batching"] = batching
         models.append(m)
-    models[0].update(prediction_log={"sample": 0.01, "max_bytes": 512}, drift={"sample": 0.1})
+    models[0].update(prediction_log={"sample": 0.01, "max_bytes": 512}, drift={"sample": 0.1, "max_rows_per_s": 50})
     doc["config"]["dlstack:models"] = models
     stack_file = tmp / "Pulumi.dev.yaml"
     with stack_file.open("w") as fh:
@@ -140,11 +140,13 @@ def test_production_feedback_knobs_reach_the_server(
     assert env["DLSTACK_PREDICTION_LOG_SAMPLE"] == "0.01" and env["DLSTACK_DRIFT_SAMPLE"] == "0.1"
     on, off = served["override"][1], served["auto"][1]
     assert (on["prediction_log_sample"], on["prediction_log_max_bytes"], on["drift_sample"]) == (0.01, 512, 0.1)
+    assert env["DLSTACK_DRIFT_MAX_ROWS_PER_S"] == "50" and on["drift_max_rows_per_s"] == 50
     # an entry without them leaves them out of the pod: the server's defaults (off), not a copy of them
     assert not {k for k in rendered["auto"][0] if "PREDICTION_LOG" in k or "DRIFT" in k}
     defaults = ServerSettings.from_env({"DLSTACK_ARTIFACT_DIR": "/m"})
     assert (off["prediction_log_sample"], off["drift_sample"]) == (defaults.prediction_log_sample, 0.0)
     assert off["prediction_log_max_bytes"] == defaults.prediction_log_max_bytes
+    assert off["drift_max_rows_per_s"] == defaults.drift_max_rows_per_s == 20
 
 
 def test_model_yaml_unset_means_auto_from_the_signature(tmp_path: Path) -> None:

@@ -13,8 +13,9 @@ connections are held on it (tests/bench/hostile_load.py), and both workers get t
 Issue 13's observers are measured on the MLP registered with a drift reference (``reference.json`` built
 by services.registry.reference from 1,000 random rows, the way ``dlstack models register --reference-data``
 builds it): the same artifact with the observers off (twice: the second is the noise control), with the
-prediction log at 1 % and drift bins at 0.1 (the stack's documented example rate), and with the log at
-100 % plus drift 0.1, at c=32 in a phase of their own. A few-percent target needs it: on this shared
+prediction log at 1 % and drift bins at 0.1 (the stack's documented example rate) under the server's
+default row cap (``drift_max_rows_per_s``, 20 rows/s per server), and with the log at 100 % plus the same
+drift, at c=32 in a phase of their own. A few-percent target needs it: on this shared
 2-CPU machine, req/s measured a few seconds apart varies by up to 10 %, and two identical server
 instances differ by up to 8 % in CPU per request for as long as they live. So the phase runs
 ``--observer-blocks`` blocks, each on fresh instances of the four servers, started together; each block
@@ -54,6 +55,7 @@ import numpy as np
 import psutil
 import requests
 
+from services.serving.server.settings import ServerSettings
 from tests.bench import floor_server, harness, hostile_load, wrk
 from tests.bench.models import build_model
 
@@ -423,6 +425,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 # Issue 13's observers, each a server of the MLP registered with a drift reference (label -> env). The first
 # is what the others are compared with; the second, identical to it, measures the comparison's own noise.
+# Drift runs under the server's default row cap, as a stack that sets only `drift: {sample: 0.1}` does.
+DRIFT_ROW_CAP: float = ServerSettings.model_fields["drift_max_rows_per_s"].default
 OBSERVER_SERVERS: dict[str, dict[str, str]] = {
     "dlstack-ref observers off": {"DLSTACK_PREDICTION_LOG_SAMPLE": "0", "DLSTACK_DRIFT_SAMPLE": "0"},
     "dlstack-ref observers off, again": {"DLSTACK_PREDICTION_LOG_SAMPLE": "0", "DLSTACK_DRIFT_SAMPLE": "0"},
@@ -644,11 +648,17 @@ def targets(
     off, again, log1, log100 = OBSERVER_SERVERS
     ratios = paired or {}
     for label, rate, goal in ((log1, "1 %", 0.97), (log100, "100 %", 0.85)):
-        out.append(paired_target(f"MLP, JSON, c={c}, prediction log {rate} + drift 0.1 vs off", goal,
+        out.append(paired_target(f"MLP, JSON, c={c}, prediction log {rate} + {observed_drift()} vs off", goal,
                                  pt(label, mlp), pt(off, mlp), ratios.get(label), ratios.get(again),
                                  pt(again, mlp)))  # fmt: skip
     out.append(queue_target(pt(log100, mlp), pt(off, mlp), (observed or {}).get(log100)))
     return out
+
+
+def observed_drift() -> str:
+    """How the observer servers bin drift, as the target names say it."""
+    sample = float(OBSERVER_SERVERS[list(OBSERVER_SERVERS)[2]]["DLSTACK_DRIFT_SAMPLE"])
+    return f"drift {sample:g} (cap {DRIFT_ROW_CAP:g} rows/s)"
 
 
 def paired_target(
