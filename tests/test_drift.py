@@ -236,6 +236,44 @@ def test_the_row_cap_bins_at_most_its_rate_and_whole_requests(artifact_with_refe
     assert outputs == (10 + 5 + 10 + 25 + 5) * 3  # a request's outputs are binned with its inputs, or not at all
 
 
+def test_the_share_handed_over_follows_the_cap_and_comes_back_when_traffic_falls(
+    artifact_with_reference: Path,
+) -> None:
+    """Answers handed over only to be refused by the bucket still cost the request's thread: the flush
+    thread's ``adjust`` lowers the share notify hands over until the rows handed run at HEADROOM x the cap."""
+    ref = drift.read_reference(artifact_with_reference / drift.REFERENCE_FILE)
+    now = [0.0]
+    obs = drift.DriftObserver(ref, "drift-adjust", "1", 0.5, max_rows_per_s=10, clock=lambda: now[0])
+    server = SimpleNamespace(name="drift-adjust", version="1", observers=[obs])
+    rng = np.random.default_rng(7)
+    x, y = np.zeros((1, 8), np.float32), np.zeros((1, 3), np.float32)
+
+    def second(answers: int) -> int:
+        """``answers`` one-row answers through inference.notify over one second; the rows it was handed."""
+        handed = obs._handed_rows
+        for i in range(answers):
+            call = SimpleNamespace(route="infer", request_id=str(i), inputs={"input": x}, outputs={"output": y},
+                                   elapsed_ns=1000, headers={})  # fmt: skip
+            inference.notify(server, call, 200, rng.random)
+        now[0] += 1
+        return obs._handed_rows - handed
+
+    handed = second(1000)
+    assert 400 <= handed <= 600  # the configured share, 0.5, until the first adjustment
+    obs.adjust()
+    assert obs.sample == pytest.approx(0.5 * drift.HEADROOM * 10 / handed)  # 12.5 of the ~500 rows a second
+    for _ in range(3):
+        handed = second(1000)
+        obs.adjust()
+    assert 3 <= handed <= 25 and 0.003 < obs.sample < 0.03  # ~12.5 rows/s handed of 1,000
+    second(0)  # traffic stops
+    obs.adjust()
+    assert obs.sample == 0.5  # nothing handed for a second: back to the configured share
+    handed = second(16)  # 16 answers/s: ~8 rows handed, under HEADROOM x the cap (12.5)
+    obs.adjust()
+    assert 4 <= handed <= 12 and obs.sample == 0.5  # never above the configured share
+
+
 def test_the_server_splits_its_row_cap_over_its_workers(artifact_with_reference: Path) -> None:
     for env, per_worker in (
         ({"DLSTACK_WORKERS": "4", "DLSTACK_DRIFT_MAX_ROWS_PER_S": "20"}, 5.0),

@@ -24,14 +24,19 @@ request would cost more than all of its binning. The counters lag by at most ``F
 scrape interval. The listed arrays are bounded by ``QUEUED_BYTES``: a request that finds more listed
 bins them all on its own thread.
 
-``drift_max_rows_per_s`` caps the rows a server bins (split evenly over its workers; a token bucket of
-one second's rows per worker): on a fast, busy model a fixed share samples far more rows than the PSI
-needs, and each costs the worker throughput (in ``make bench``, 10 % of 2,750 req/s per worker cost
-~3 %, 1 % cost nothing measurable). The bucket admits a sampled request while it holds any token, so a
-request larger than the bucket is binned whole and the next ones wait until it is paid back: the long-run
-rate stays at the cap and every row of a binned request is counted. Below the cap every sampled request
-is binned. Under a cap the live shares are of rows spread evenly over time, not over requests: a burst
-counts for less than its share of traffic.
+``drift_max_rows_per_s`` caps the rows a server bins (split evenly over its workers): on a fast, busy
+model a fixed share samples far more rows than the PSI needs, and each sampled answer costs the worker
+(in ``make bench``, 10 % of 2,750 req/s per worker cost ~3 % of its throughput, 1 % nothing measurable;
+handing answers over, a rarely run and so cache-cold path, looks costlier than binning them: the bucket
+alone measured 0.969x, with ``adjust`` 0.990x, in one 22-block run). So the cap works twice:
+- every ``FLUSH_S`` the flush thread lowers the share ``inference.notify`` hands over (``sample``) so
+  that the rows handed run at ``HEADROOM`` x the cap, and raises it back, up to ``drift_sample``, when
+  traffic falls;
+- a token bucket of one second's rows admits a handed request while it holds any token, so bursts
+  within a second stay under the cap too. A request larger than the bucket is binned whole and the next
+  ones wait until it is paid back: every row of a binned request is counted.
+Below the cap every sampled request is binned. Under it the live shares are of rows spread evenly over
+time, not over requests: a burst counts for less than its share of traffic.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ BINS = 10  # decile bins per group
 MIN_ROWS = 100  # fewer reference rows give deciles too noisy to compare against
 FLUSH_S = 1.0  # s between moves of a worker's pending bin counts to the counters (well under any scrape interval)
 QUEUED_BYTES = 8 << 20  # sampled arrays a worker keeps for its next binning pass, at most
+HEADROOM = 1.25  # rows handed to the observer per row the cap admits: the bucket, not the estimate, sets the rate
 
 LABELS = ["model", "version", "tensor", "group", "bin"]
 BIN_COUNTS = Counter("dlstack_drift_bin", "Sampled rows per drift bin (group mean of a tensor's features)", LABELS)
@@ -218,11 +224,13 @@ class DriftObserver:
         max_rows_per_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.sample = sample  # inference.notify hands it this share of the answers
+        self.max_sample = sample  # drift_sample: the share it is handed while under the cap
+        self.sample = sample  # the share inference.notify hands it now; lowered while the cap binds
         self.max_rows_per_s = max_rows_per_s  # this worker's share of the cap; 0 = every sampled request
         self._clock = clock
         self._tokens = max_rows_per_s  # rows it may still bin; starts full (one second's worth)
-        self._filled_at = clock()
+        self._filled_at = self._adjusted_at = clock()
+        self._handed_rows = 0  # rows handed to observe since the last adjustment of ``sample``
         self.inputs = [_Tensor(t, model, version) for t in reference.tensors if t.side == "input"]
         self.outputs = [_Tensor(t, model, version) for t in reference.tensors if t.side == "output"]
         self._failed = False
@@ -236,8 +244,11 @@ class DriftObserver:
         if p.status != 200 or p.inputs is None or p.outputs is None:
             return
         size = nbytes(p.inputs) + nbytes(p.outputs)
+        first = next(iter(p.inputs.values()), None)
+        rows = first.shape[0] if first is not None and first.ndim else 1
         with self._lock:
-            if self.max_rows_per_s and not self._admit(p.inputs):
+            self._handed_rows += rows
+            if self.max_rows_per_s and not self._admit(rows):
                 return
             self._queued.append((p.inputs, p.outputs))
             self._queued_bytes += size
@@ -247,7 +258,7 @@ class DriftObserver:
         if self._pid != os.getpid():
             self._start()
 
-    def _admit(self, inputs: Mapping[str, np.ndarray]) -> bool:
+    def _admit(self, rows: int) -> bool:
         """Take the request's rows from the bucket if it holds any token (the caller holds ``_lock``)."""
         now = self._clock()
         rate = self.max_rows_per_s
@@ -255,9 +266,23 @@ class DriftObserver:
         self._filled_at = now
         if self._tokens <= 0:
             return False
-        first = next(iter(inputs.values()), None)
-        self._tokens -= first.shape[0] if first is not None and first.ndim else 1
+        self._tokens -= rows
         return True
+
+    def adjust(self) -> None:
+        """Set the share handed over so the rows handed since the last call would have run at HEADROOM x the
+        cap (never above ``max_sample``). Nothing handed: back to ``max_sample``, the only share it can
+        judge from (the flush thread calls this every FLUSH_S)."""
+        if not self.max_rows_per_s:
+            return
+        now = self._clock()
+        with self._lock:
+            rows, self._handed_rows = self._handed_rows, 0
+            elapsed, self._adjusted_at = now - self._adjusted_at, now
+        if rows == 0:
+            self.sample = self.max_sample
+        elif elapsed > 0:
+            self.sample = min(self.max_sample, self.sample * HEADROOM * self.max_rows_per_s * elapsed / rows)
 
     def bin_queued(self) -> None:
         """Bin the requests queued since the last pass into the pending counts, in one pass per tensor."""
@@ -298,6 +323,7 @@ class DriftObserver:
         while True:
             time.sleep(FLUSH_S)
             try:
+                self.adjust()
                 self.flush()
             except Exception:  # keep flushing later counts; say it once, as for binning
                 if not self._failed:

@@ -10,8 +10,8 @@ new arrays).
 Sampling happens once, in ``inference.notify``: one uniform draw per answer, shared by the observers; an
 observer with ``sample`` s is handed the answers whose draw is below s. Each observer still gets exactly
 its share, and an answer no observer samples costs one draw, not a Prediction and a call per observer.
-Shared, the samples nest: the answers logged at 1 % are among those handed to drift at 10 % (which bins
-them unless its row cap is spent).
+Shared, the samples nest: the answers handed to the observer with the smaller share are among those handed
+to the larger. An observer may change its ``sample`` at any time (drift lowers it under its row cap).
 """
 
 from __future__ import annotations
