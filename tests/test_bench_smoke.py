@@ -331,3 +331,14 @@ def test_observer_server_logs_every_answer_and_bins_the_sampled_ones(tmp_path: P
         assert binned == 11 * counts["answered"]
     lines = [ln for ln in srv.log_path.read_text().splitlines() if '"dlstack.predictions"' in ln]
     assert len(lines) == counts["log_written"]
+
+
+def test_the_bench_removes_the_temp_dir_it_made_and_keeps_a_given_one(tmp_path: Path) -> None:
+    with server_bench.bench_workdir(None) as made:
+        (made / "server.log").write_text("x" * 1000)
+        assert made.is_dir() and made.name.startswith("dlstack-bench-")
+    assert not made.exists()
+    given = tmp_path / "bench"
+    with server_bench.bench_workdir(given) as kept:
+        (kept / "server.log").write_text("x")
+    assert kept == given and (given / "server.log").read_text() == "x"

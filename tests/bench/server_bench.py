@@ -257,8 +257,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     round_s = max(1.0, duration / args.rounds)
     conns = args.connections
     c_max = max(conns)
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dlstack-bench-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = Path(args.workdir)  # main() makes it (bench_workdir)
     log = print if not args.json_only else (lambda *a, **k: None)
     rounds: dict[tuple[str, str, str, int], list[wrk.WrkResult]] = {}
     memory: dict[str, int] = {}
@@ -824,7 +823,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"blocks of fresh observer servers, {len(OBSERVER_SERVERS)} paired rounds of {OBSERVER_ROUND_S:g} s "
         f"each (default {OBSERVER_BLOCKS})",
     )
-    p.add_argument("--workdir", type=Path, help="keep models and server logs here (default: a temp dir)")
+    p.add_argument("--workdir", type=Path, help="keep models and server logs here (default: a temp dir, removed)")
     p.add_argument("--check", action="store_true", help="exit 1 when a target fails")
     p.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -835,9 +834,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@contextmanager
+def bench_workdir(given: Path | None) -> Iterator[Path]:
+    """``given`` (kept), or a temp dir removed afterwards: a run's server logs hold ~2.5 GB (the 100 %
+    prediction-log server's lines), too much to leave behind in /tmp on every run."""
+    if given is not None:
+        given.mkdir(parents=True, exist_ok=True)
+        yield given
+        return
+    with tempfile.TemporaryDirectory(prefix="dlstack-bench-") as tmp:
+        yield Path(tmp)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    result = run(args)
+    with bench_workdir(args.workdir) as workdir:
+        result = run(argparse.Namespace(**{**vars(args), "workdir": workdir}))
     print(markdown(result))
     if args.json:
         tmp = args.json.with_name(args.json.name + ".tmp")
