@@ -647,16 +647,16 @@ def targets(
     off, again, log1, log100 = OBSERVER_SERVERS
     ratios = paired or {}
     for label, rate, goal in ((log1, "1 %", 0.97), (log100, "100 %", 0.85)):
-        out.append(paired_target(f"MLP, JSON, c={c}, prediction log {rate} + {observed_drift()} vs off", goal,
+        out.append(paired_target(f"MLP, JSON, c={c}, prediction log {rate} + {observed_drift(label)} vs off", goal,
                                  pt(label, mlp), pt(off, mlp), ratios.get(label), ratios.get(again),
                                  pt(again, mlp)))  # fmt: skip
     out.append(queue_target(pt(log100, mlp), pt(off, mlp), (observed or {}).get(log100)))
     return out
 
 
-def observed_drift() -> str:
-    """How the observer servers bin drift, as the target names say it."""
-    sample = float(OBSERVER_SERVERS[list(OBSERVER_SERVERS)[2]]["DLSTACK_DRIFT_SAMPLE"])
+def observed_drift(label: str) -> str:
+    """How the observer server ``label`` bins drift, as its target's name says it."""
+    sample = float(OBSERVER_SERVERS[label]["DLSTACK_DRIFT_SAMPLE"])
     return f"drift {sample:g} (cap {DRIFT_ROW_CAP:g} rows/s)"
 
 
